@@ -93,3 +93,12 @@ COMMAND_TYPES = {
 }
 USER_COMMANDS = (UpdateUserSegments, RegisterUsers, ExpireMembership)
 SEGMENT_COMMANDS = (CreateSegment, UpdateSegment, DeleteSegment)
+
+
+def command_key(command: Command) -> bytes:
+    """The Kafka key of a command: the user id for user commands (per-user order), the slug for segment ones."""
+    if isinstance(command, RegisterUsers):
+        return str(command.user_ids[0]).encode()
+    if isinstance(command, USER_COMMANDS):
+        return str(command.user_id).encode()
+    return command.slug.encode()
