@@ -15,7 +15,7 @@ from schemas.results import CommandResult, ErrorCode, ErrorInfo
 from service import segment_handlers, sql, user_handlers
 from service.decoding import Decoded, InboundRecord, decode
 from service.domain import CommandRejectedError, Segment
-from service.unit_of_work import OutboxRow, UnitOfWork, segment_event
+from service.unit_of_work import OutboxRow, UnitOfWork, result_row, segment_event
 from service.user_handlers import RunContext
 
 log = logging.getLogger("segmentation.worker")
@@ -88,7 +88,7 @@ class _Batch:
 
     def __init__(self, conn: asyncpg.Connection, uow: UnitOfWork, report: BatchReport):
         self.conn, self.uow, self.report = conn, uow, report
-        self.seen: dict[str, tuple[str, str | None]] = {}  # command id -> (body hash, stored result json)
+        self.seen: dict[str, tuple[str, str]] = {}  # command id -> (body hash, stored result json)
         self.run: list[Decoded] = []
         self.run_ids: set[str] = set()
 
@@ -117,8 +117,7 @@ class _Batch:
             command_id=d.command_id, type=d.type, status=status, error=error,
             events=events, processed_at=self.uow.now,
         )
-        self.uow.record_result(result, d.body_hash)
-        self.seen[d.command_id] = (d.body_hash, result.model_dump_json())
+        self.seen[d.command_id] = (d.body_hash, self.uow.record_result(result, d.body_hash))
         self.report.outcomes[(result.type, status)] += 1
         self.report.events += events
         if error is not None:
@@ -128,8 +127,8 @@ class _Batch:
     def answer_duplicate(self, d: Decoded) -> None:
         """A seen command id: the stored result again, or a conflict if the body differs."""
         stored_hash, stored_result = self.seen[d.command_id]
-        if stored_hash == d.body_hash and stored_result is not None:
-            payload = stored_result.encode()
+        if stored_hash == d.body_hash:
+            payload = stored_result
             status = "duplicate"
         else:
             conflict = CommandResult(
@@ -138,9 +137,9 @@ class _Batch:
                                 message="this command_id was used before with a different body"),
                 events=0, processed_at=self.uow.now,
             )
-            payload = conflict.model_dump_json().encode()
+            payload = conflict.model_dump_json()
             status = "conflict"
-        self.uow.record_outbox(OutboxRow("result", d.command_id.encode(), payload, _new_id()))
+        self.uow.record_outbox(result_row(d.command_id, payload))
         self.report.outcomes[(d.type, status)] += 1
         log.info("duplicate command", extra={"position": d.record.position, "command_id": d.command_id, "status": status})
 

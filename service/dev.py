@@ -63,7 +63,6 @@ def run(workers: int = 1) -> int:
 
 
 async def _prepare(settings: Settings) -> None:
-    await db.wait_for(settings.database_url)
     await db.ensure_database(settings.database_url)
     applied = await db.migrate(settings.database_url)
     created = await kafka.create_topics(settings)

@@ -39,8 +39,8 @@ def segment_event(event: SegmentChanged) -> OutboxRow:
     return OutboxRow("segment", event.slug.encode(), event.model_dump_json().encode(), event.event_id)
 
 
-def result_row(result: CommandResult) -> OutboxRow:
-    return OutboxRow("result", result.command_id.encode(), result.model_dump_json().encode(), str(uuid.uuid4()))
+def result_row(command_id: str, payload: str) -> OutboxRow:
+    return OutboxRow("result", command_id.encode(), payload.encode(), str(uuid.uuid4()))
 
 
 @dataclass
@@ -88,12 +88,13 @@ class UnitOfWork:
                 if self.earliest_expiry is None or c.expires_at < self.earliest_expiry:
                     self.earliest_expiry = c.expires_at
 
-    def record_result(self, result: CommandResult, body_hash: str | None) -> None:
+    def record_result(self, result: CommandResult, body_hash: str | None) -> str:
+        """Store the result in the inbox (when `body_hash` is given) and publish it; returns its JSON."""
+        payload = result.model_dump_json()
         if body_hash is not None:
-            self.processed.append(
-                (result.command_id, result.type, body_hash, result.model_dump_json(), result.processed_at)
-            )
-        self.outbox.append(result_row(result))
+            self.processed.append((result.command_id, result.type, body_hash, payload, result.processed_at))
+        self.outbox.append(result_row(result.command_id, payload))
+        return payload
 
     def record_outbox(self, row: OutboxRow) -> None:
         self.outbox.append(row)

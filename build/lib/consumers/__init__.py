@@ -1,0 +1,1 @@
+"""The command worker: poll, decode, dispatch, store offsets, commit. No business rules."""

@@ -1,0 +1,147 @@
+"""The command worker: batches from `getmany`, one PostgreSQL transaction each, Kafka commit after it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from service import db, kafka, metrics, sql
+from service.batch import BatchProcessor, BatchReport
+from service.decoding import InboundRecord
+from service.settings import Settings
+
+log = logging.getLogger("segmentation.worker")
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    """On assignment, start where PostgreSQL says; on revocation, let the batch in hand finish first."""
+
+    def __init__(self, worker: "CommandWorker"):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked):
+        self.worker.revoking = True
+        async with self.worker.batch_lock:  # the batch in hand commits (or gives up) before we let go
+            self.worker.revoking = False
+        if revoked:
+            log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    async def on_partitions_assigned(self, assigned):
+        if assigned:
+            await self.worker.seek_to_stored(assigned)
+
+
+class CommandWorker:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, consumer: AIOKafkaConsumer | None = None):
+        self.settings = settings
+        self.pool = pool
+        self.consumer = consumer or kafka.consumer(settings, group=settings.consumer_group)
+        self.processor = BatchProcessor(settings.consumer_group)
+        self.batch_lock = asyncio.Lock()
+        self.revoking = False
+        self.stopping = asyncio.Event()
+        self.next_lag_update = 0.0
+
+    async def seek_to_stored(self, assigned) -> None:
+        tps = sorted(assigned, key=lambda tp: tp.partition)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(sql.READ_OFFSETS, self.settings.consumer_group, self.settings.commands_topic,
+                                    [tp.partition for tp in tps])
+        stored = {r["partition"]: r["next_offset"] for r in rows}
+        for tp in tps:
+            if tp.partition in stored:
+                self.consumer.seek(tp, stored[tp.partition])
+        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in tps], "stored_offsets": stored})
+
+    async def run(self) -> None:
+        """Poll and apply until `stop()`; then leave the group."""
+        self.consumer.subscribe([self.settings.commands_topic], listener=_SeekToStoredOffsets(self))
+        await self.consumer.start()
+        log.info("worker started", extra={"topic": self.settings.commands_topic, "group": self.settings.consumer_group})
+        try:
+            while not self.stopping.is_set():
+                batch = await self.consumer.getmany(timeout_ms=self.settings.worker_poll_ms,
+                                                    max_records=self.settings.worker_batch_max)
+                if batch:
+                    async with self.batch_lock:
+                        await self.handle(batch)
+                await self.update_lag()
+        finally:
+            await self.consumer.stop()  # leaves the group: the partitions move on at once
+            log.info("worker stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def handle(self, batch: dict) -> None:
+        records = [
+            InboundRecord(r.topic, r.partition, r.offset, r.key, r.value)
+            for tp in sorted(batch, key=lambda tp: tp.partition) for r in batch[tp]
+        ]
+        started = time.monotonic()
+        report = await self.apply_with_retry(records)
+        if report is None:
+            return
+        metrics.BATCH_SIZE.observe(len(records))
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+        for (kind, status), n in report.outcomes.items():
+            metrics.COMMANDS.labels(kind, status).inc(n)
+        metrics.DEAD_LETTERS.inc(report.dead_letters)
+        now_ms = time.time() * 1000
+        for tp, recs in batch.items():
+            metrics.COMMAND_LATENCY.observe(max(0.0, (now_ms - recs[-1].timestamp) / 1000))
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
+        try:
+            await self.consumer.commit(offsets)  # after the database commit: lag stays visible to Kafka tools
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("kafka commit failed; PostgreSQL holds the offsets", extra={"error": str(exc)})
+        first, last = records[0], records[-1]
+        log.debug("batch applied", extra={"records": len(records), "from": first.position, "to": last.position,
+                                          "skipped": report.skipped, "events": report.events})
+
+    async def apply_with_retry(self, records: list[InboundRecord]) -> BatchReport | None:
+        """Apply until it commits. Never skips: on failure nothing is committed and the same batch is retried."""
+        delay = 0.1
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    return await self.processor.process(conn, records)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+                metrics.BATCH_RETRIES.inc()
+                log.warning("batch failed, retrying", extra={
+                    "from": records[0].position, "to": records[-1].position, "error": repr(exc), "retry_in": delay})
+                if self.revoking or self.stopping.is_set():
+                    log.warning("giving the batch up uncommitted: partitions are moving or the worker stops",
+                                extra={"from": records[0].position})
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def update_lag(self) -> None:
+        """Records behind the end of each assigned partition, at most every few seconds."""
+        now = time.monotonic()
+        if now < self.next_lag_update:
+            return
+        self.next_lag_update = now + 5
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                position = await self.consumer.position(tp)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+
+
+async def main(settings: Settings) -> None:
+    """`segmentation worker`: run until SIGTERM or Ctrl-C."""
+    from service.runtime import run_until_signalled
+
+    await db.wait_for(settings.database_url)
+    pool = await db.create_pool(settings.database_url, 1, 3)
+    worker = CommandWorker(settings, pool)
+    try:
+        await run_until_signalled(worker.run(), worker.stop)
+    finally:
+        await pool.close()

@@ -1,0 +1,143 @@
+"""The TTL producer: publishes ExpireMembership when memberships run out. One active instance."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from producers import leader
+from schemas.commands import ExpireMembership
+from schemas.common import format_time
+from service import kafka, metrics
+from service.settings import Settings
+
+log = logging.getLogger("segmentation.ttl")
+
+# Due memberships after a cursor, through the (expires_at, user_id, segment_id) index.
+DUE = """
+SELECT m.user_id, m.segment_id, s.slug, m.expires_at FROM memberships m JOIN segments s ON s.id = m.segment_id
+WHERE m.expires_at IS NOT NULL AND m.expires_at <= $1
+  AND (m.expires_at, m.user_id, m.segment_id) > ($2, $3, $4)
+ORDER BY m.expires_at, m.user_id, m.segment_id LIMIT $5
+"""
+NEXT_DUE = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at > $1"
+# Rows are visible at commit, not at insert: look back this far each pass so a late commit is not missed.
+LOOKBACK = timedelta(seconds=60)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+FULL_SCAN_SECONDS = 300
+
+
+def expiry_command_id(user_id: int, slug: str, expires_at: datetime) -> str:
+    """Deterministic: the same due membership always gives the same command id, so scanning twice is harmless."""
+    digest = hashlib.sha256(f"{user_id}|{slug}|{format_time(expires_at)}".encode()).hexdigest()[:32]
+    return f"expire:{user_id}:{digest}"
+
+
+class TtlProducer:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
+        self.settings = settings
+        self.producer = producer or kafka.producer(settings)
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.next_due: datetime | None = None
+        self.published = 0
+        self.recent: dict[str, datetime] = {}  # command id -> expires_at, published while the lookback holds it
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    async def run(self) -> None:
+        await self.producer.start()
+        try:
+            while not self.stopping.is_set():
+                conn = await leader.acquire(self.settings.database_url, leader.TTL_LOCK, "ttl producer", self.stopping)
+                if conn is None:
+                    break
+                metrics.TTL_ACTIVE.set(1)
+                try:
+                    await self.lead(conn)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+                    log.warning("ttl producer lost its footing; starting over", extra={"error": repr(exc)})
+                    await asyncio.sleep(0.5)
+                finally:
+                    metrics.TTL_ACTIVE.set(0)
+                    if not conn.is_closed():
+                        await conn.close()
+        finally:
+            await self.producer.stop()
+            log.info("ttl producer stopped", extra={"published": self.published})
+
+    def on_notify(self, _conn, _pid, _channel, payload: str) -> None:
+        """A worker set an expiry: wake early if it is sooner than the planned wake-up."""
+        try:
+            when = datetime.fromisoformat(payload.replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+        if when is None or self.next_due is None or when < self.next_due:
+            self.wake.set()
+
+    async def lead(self, conn: asyncpg.Connection) -> None:
+        await conn.add_listener("segmentation_ttl", self.on_notify)
+        cursor = (EPOCH, 0, 0)  # a new leader scans everything still due
+        full_scan_at = asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
+        while not self.stopping.is_set():
+            self.wake.clear()
+            now = datetime.now(timezone.utc)
+            if asyncio.get_running_loop().time() >= full_scan_at:
+                # Safety net: anything still due (a command the worker ignored for clock skew) goes out again.
+                cursor, full_scan_at = (EPOCH, 0, 0), asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
+            cursor = await self.publish_due(conn, now, cursor)
+            # Next pass starts a little behind the cursor (late commits); `recent` keeps repeats out.
+            cursor = min(cursor, (now - LOOKBACK, 0, 0))
+            self.forget_old(now)
+            self.next_due = await conn.fetchval(NEXT_DUE, now)
+            sleep = self.settings.ttl_max_sleep_seconds
+            if self.next_due is not None:
+                sleep = min(sleep, max(0.0, (self.next_due - datetime.now(timezone.utc)).total_seconds()))
+            await leader._wait(self.wake, sleep)
+
+    async def publish_due(self, conn: asyncpg.Connection, now: datetime, cursor: tuple) -> tuple:
+        """Publish every membership due at `now` after `cursor`; returns the new cursor."""
+        while True:
+            rows = await conn.fetch(DUE, now, *cursor, self.settings.ttl_batch_max)
+            if not rows:
+                return cursor
+            futures = []
+            for r in rows:
+                command_id = expiry_command_id(r["user_id"], r["slug"], r["expires_at"])
+                if command_id in self.recent:
+                    continue
+                cmd = ExpireMembership(command_id=command_id, user_id=r["user_id"], slug=r["slug"],
+                                       expires_at=r["expires_at"], issued_at=now)
+                futures.append(await self.producer.send(
+                    self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
+                self.recent[command_id] = r["expires_at"]
+                metrics.TTL_LAG.set(max(0.0, (datetime.now(timezone.utc) - r["expires_at"]).total_seconds()))
+            await asyncio.gather(*futures)
+            metrics.TTL_EXPIRIES.inc(len(futures))
+            self.published += len(futures)
+            if futures:
+                log.info("expiry commands published", extra={"count": len(futures), "up_to": format_time(rows[-1]["expires_at"])})
+            last = rows[-1]
+            cursor = (last["expires_at"], last["user_id"], last["segment_id"])
+            if len(rows) < self.settings.ttl_batch_max:
+                return cursor
+
+    def forget_old(self, now: datetime) -> None:
+        horizon = now - 2 * LOOKBACK
+        for cid in [c for c, exp in self.recent.items() if exp < horizon]:
+            del self.recent[cid]
+
+
+async def main(settings: Settings) -> None:
+    """`segmentation ttl`: run until SIGTERM or Ctrl-C."""
+    from service.runtime import run_until_signalled
+
+    ttl = TtlProducer(settings)
+    await run_until_signalled(ttl.run(), ttl.stop)

@@ -1,0 +1,143 @@
+"""The AsyncAPI 3.0 document of every topic, built from the message models."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from schemas.commands import (
+    CreateSegment,
+    DeleteSegment,
+    ExpireMembership,
+    RegisterUsers,
+    SEGMENT_COMMANDS,
+    UpdateSegment,
+    UpdateUserSegments,
+)
+from schemas.common import SLUG_PATTERN
+from schemas.events import MembershipChanged, SegmentChanged
+from schemas.results import CommandResult
+
+COMMAND_MODELS = (CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership)
+EVENT_MODELS = (MembershipChanged, SegmentChanged, CommandResult)
+DLQ_ERROR_CODES = ("INVALID_JSON", "NOT_AN_OBJECT", "UNKNOWN_TYPE", "MISSING_COMMAND_ID", "INVALID_FIELDS")
+KAFKA_BINDING = "0.5.0"
+
+_STRING = {"type": "string"}
+USER_KEY = {"type": "string", "pattern": "^[1-9][0-9]{0,18}$", "description": "the user id, decimal"}
+SLUG_KEY = {"type": "string", "pattern": SLUG_PATTERN, "description": "the segment's slug"}
+COMMAND_ID_KEY = {"type": "string", "minLength": 1, "maxLength": 128, "description": "the command id"}
+EVENT_ID_HEADERS = {
+    "type": "object",
+    "properties": {"event_id": _STRING | {"description": "stable id of this message, for deduplication"}},
+    "required": ["event_id"],
+}
+DLQ_HEADERS = {
+    "type": "object",
+    "properties": {
+        "error.code": {"type": "string", "enum": list(DLQ_ERROR_CODES), "description": "why it is not a command"},
+        "error.message": _STRING | {"description": "what was wrong, for people"},
+        "source.topic": _STRING | {"description": "the topic it was read from"},
+        "source.partition": {"type": "string", "pattern": "^[0-9]+$", "description": "its partition, decimal"},
+        "source.offset": {"type": "string", "pattern": "^[0-9]+$", "description": "its offset, decimal"},
+        "event_id": _STRING | {"description": "stable id of this dead letter, for deduplication"},
+    },
+    "required": ["error.code", "error.message", "source.topic", "source.partition", "source.offset", "event_id"],
+}
+
+
+def _summary(model: type[BaseModel]) -> str:
+    return (model.__doc__ or model.__name__).strip().splitlines()[0]
+
+
+def _command_key(model: type[BaseModel]) -> dict:
+    if model in SEGMENT_COMMANDS:
+        return SLUG_KEY
+    if model is RegisterUsers:
+        return USER_KEY | {"description": "the first of `user_ids`, decimal"}
+    return USER_KEY
+
+
+def _message(model: type[BaseModel], payload: dict, key: dict, headers: dict | None = None) -> dict:
+    message: dict[str, Any] = {
+        "name": model.__name__, "title": model.__name__, "summary": _summary(model),
+        "contentType": "application/json", "payload": payload,
+        "bindings": {"kafka": {"key": key, "bindingVersion": KAFKA_BINDING}},
+    }
+    if headers:
+        message["headers"] = headers
+    return message
+
+
+def _channel(address: str, title: str, description: str, names: list[str]) -> dict:
+    return {"address": address, "title": title, "description": description,
+            "messages": {n: {"$ref": f"#/components/messages/{n}"} for n in names}}
+
+
+def _operation(action: str, channel: str, names: list[str], summary: str) -> dict:
+    return {"action": action, "summary": summary, "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{n}"} for n in names]}
+
+
+def document(settings: Any) -> dict:
+    """The AsyncAPI 3.0.0 document; `settings` is anything with the five `*_topic` attributes."""
+    wanted = [(m, "validation") for m in COMMAND_MODELS] + [(m, "serialization") for m in EVENT_MODELS]
+    refs, defs = models_json_schema(wanted, ref_template="#/components/schemas/{model}")
+    payload = {model: refs[(model, mode)] for model, mode in wanted}
+    by_command_id = {"location": "$message.payload#/command_id", "description": "the command's `command_id`"}
+
+    messages = {m.__name__: _message(m, payload[m], _command_key(m)) | {"correlationId": by_command_id}
+                for m in COMMAND_MODELS}
+    messages["CommandResult"] = _message(CommandResult, payload[CommandResult], COMMAND_ID_KEY, EVENT_ID_HEADERS) | {
+        "summary": "The result of one command", "correlationId": by_command_id}
+    messages["MembershipChanged"] = _message(MembershipChanged, payload[MembershipChanged], USER_KEY,
+                                             EVENT_ID_HEADERS)
+    messages["SegmentChanged"] = _message(SegmentChanged, payload[SegmentChanged], SLUG_KEY, EVENT_ID_HEADERS)
+    messages["DeadLetter"] = {
+        "name": "DeadLetter", "title": "DeadLetter", "summary": "A message of the commands topic that is not a command",
+        "description": "The original value and key, untouched; the headers say why it was set aside.",
+        "contentType": "application/octet-stream", "payload": {"type": "string", "description": "the original bytes"},
+        "headers": DLQ_HEADERS,
+        "bindings": {"kafka": {"key": {"type": ["string", "null"], "description": "the original key"},
+                               "bindingVersion": KAFKA_BINDING}},
+    }
+
+    commands = [m.__name__ for m in COMMAND_MODELS]
+    channels = {
+        "commands": _channel(settings.commands_topic, "Commands",
+                             "Commands in; keyed by user id (user commands) or slug (segment commands), "
+                             "so the commands of one user are applied in order.", commands),
+        "deadLetters": _channel(settings.dlq_topic, "Dead letters",
+                                "Messages of the commands topic that are not commands.", ["DeadLetter"]),
+        "commandResults": _channel(settings.results_topic, "Command results",
+                                   "The result of every command, keyed by command id.", ["CommandResult"]),
+        "membershipChanged": _channel(settings.membership_topic, "Membership changes",
+                                      "Every change of a user's membership, keyed by user id, in order per user.",
+                                      ["MembershipChanged"]),
+        "segmentChanged": _channel(settings.segment_topic, "Segment changes",
+                                   "Every change of a segment, keyed by slug.", ["SegmentChanged"]),
+    }
+    receive = _operation("receive", "commands", commands, "The worker applies commands")
+    receive["reply"] = {"channel": {"$ref": "#/channels/commandResults"},
+                        "messages": [{"$ref": "#/channels/commandResults/messages/CommandResult"}]}
+    operations = {
+        "receiveCommands": receive,
+        "sendDeadLetters": _operation("send", "deadLetters", ["DeadLetter"], "Set aside what is not a command"),
+        "sendCommandResults": _operation("send", "commandResults", ["CommandResult"],
+                                         "Publish the result of every command"),
+        "sendMembershipChanged": _operation("send", "membershipChanged", ["MembershipChanged"],
+                                            "Publish every membership change"),
+        "sendSegmentChanged": _operation("send", "segmentChanged", ["SegmentChanged"],
+                                         "Publish every segment change"),
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "segmentation", "version": "1.0.0",
+                 "description": "Commands in through Kafka, memberships in PostgreSQL, events out. "
+                                "Every value is a UTF-8 JSON object; timestamps are RFC 3339 in UTC."},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": defs.get("$defs", {}), "messages": messages},
+    }

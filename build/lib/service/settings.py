@@ -1,0 +1,59 @@
+"""One `Settings` object, read from environment variables (names are the field names, upper-cased)."""
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import topics
+
+
+class Settings(BaseSettings):
+    """Every knob of every process; see the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/segmentation"
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+
+    commands_topic: str = topics.COMMANDS
+    dlq_topic: str = topics.DLQ
+    results_topic: str = topics.RESULTS
+    membership_topic: str = topics.MEMBERSHIP_CHANGED
+    segment_topic: str = topics.SEGMENT_CHANGED
+    commands_partitions: int = Field(default=12, ge=1)
+    events_partitions: int = Field(default=12, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    consumer_group: str = "segmentation-worker"
+    worker_batch_max: int = Field(default=2000, ge=1)
+    worker_poll_ms: int = Field(default=200, ge=1)
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_interval_ms: int = 1_000
+    kafka_rebalance_timeout_ms: int = 10_000
+    kafka_max_poll_interval_ms: int = 300_000
+
+    kafka_enable_idempotence: bool = False
+    kafka_acks: str = "all"
+    kafka_linger_ms: int = 5
+    kafka_compression_type: str | None = None
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+
+    relay_batch_max: int = Field(default=5000, ge=1)
+    relay_poll_seconds: float = Field(default=1.0, gt=0)
+    outbox_retention_seconds: int = Field(default=3600, ge=0)
+
+    ttl_batch_max: int = Field(default=5000, ge=1)
+    ttl_max_sleep_seconds: float = Field(default=30.0, gt=0)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    public_base_url: str | None = None
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    db_pool_min: int = 1
+    db_pool_max: int = 10

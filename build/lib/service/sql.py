@@ -1,0 +1,146 @@
+"""Every SQL statement of the write path, named, with $n parameters. DDL lives in migrations/."""
+
+# --- offsets (the consumer's position, stored with the effects) -------------------------------------------
+ENSURE_OFFSETS = """
+INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)
+SELECT $1, $2, p, 0 FROM unnest($3::int[]) AS p
+ON CONFLICT DO NOTHING
+"""
+# The row lock fences a stale owner during a rebalance: it waits here, then sees the newer offset.
+LOCK_OFFSETS = """
+SELECT partition, next_offset FROM consumer_offsets
+WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
+ORDER BY partition FOR UPDATE
+"""
+READ_OFFSETS = """
+SELECT partition, next_offset FROM consumer_offsets
+WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
+"""
+STORE_OFFSETS = """
+UPDATE consumer_offsets o SET next_offset = n.next_offset, updated_at = now()
+FROM unnest($3::int[], $4::bigint[]) AS n(partition, next_offset)
+WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = n.partition
+"""
+
+# --- inbox --------------------------------------------------------------------------------------------
+FIND_PROCESSED = """
+SELECT command_id, body_hash, result::text AS result FROM processed_commands WHERE command_id = ANY($1::text[])
+"""
+STORE_PROCESSED = """
+INSERT INTO processed_commands (command_id, type, body_hash, result, processed_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[])
+"""
+
+# --- segments -----------------------------------------------------------------------------------------
+# Locked in id order (no deadlocks); FOR SHARE to assign users, FOR UPDATE to delete or change a segment.
+LOCK_SEGMENTS_FOR_SHARE = """
+SELECT id, slug, salt, auto_percent FROM segments
+WHERE deleted_at IS NULL AND (slug = ANY($1::text[]) OR auto_percent > 0)
+ORDER BY id FOR SHARE
+"""
+LOCK_SEGMENT_FOR_UPDATE = """
+SELECT id, slug, salt, auto_percent, description FROM segments
+WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE
+"""
+NEXT_SEGMENT_ID = "SELECT nextval(pg_get_serial_sequence('segments', 'id'))"
+INSERT_SEGMENT = """
+INSERT INTO segments (id, slug, description, auto_percent, salt, created_at, updated_at, rollout_at)
+VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
+"""
+UPDATE_SEGMENT = """
+UPDATE segments SET description = $2, auto_percent = $3, updated_at = $4,
+    rollout_at = CASE WHEN auto_percent <> $3 THEN $4 ELSE rollout_at END
+WHERE id = $1
+"""
+MARK_SEGMENT_DELETED = "UPDATE segments SET deleted_at = $2, updated_at = $2 WHERE id = $1"
+DELETE_SEGMENT_EXCLUSIONS = "DELETE FROM exclusions WHERE segment_id = $1"
+
+# --- user state ---------------------------------------------------------------------------------------
+KNOWN_USERS = "SELECT user_id FROM users WHERE user_id = ANY($1::bigint[])"
+USER_MEMBERSHIPS = """
+SELECT user_id, segment_id, source, added_at, expires_at FROM memberships WHERE user_id = ANY($1::bigint[])
+"""
+USER_EXCLUSIONS = "SELECT user_id, segment_id FROM exclusions WHERE user_id = ANY($1::bigint[])"
+INSERT_USERS = """
+INSERT INTO users (user_id, registered_at) SELECT * FROM unnest($1::bigint[], $2::timestamptz[])
+ON CONFLICT DO NOTHING
+"""
+DELETE_MEMBERSHIPS = """
+DELETE FROM memberships m USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
+WHERE m.user_id = d.user_id AND m.segment_id = d.segment_id
+"""
+UPSERT_MEMBERSHIPS = """
+INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[], $5::timestamptz[])
+ON CONFLICT (user_id, segment_id) DO UPDATE
+SET source = EXCLUDED.source, added_at = EXCLUDED.added_at, expires_at = EXCLUDED.expires_at
+"""
+DELETE_EXCLUSIONS = """
+DELETE FROM exclusions x USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
+WHERE x.user_id = d.user_id AND x.segment_id = d.segment_id
+"""
+INSERT_EXCLUSIONS = """
+INSERT INTO exclusions (user_id, segment_id, excluded_at)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[])
+ON CONFLICT DO NOTHING
+"""
+
+HISTORY_COLUMNS = ("user_id", "slug", "segment_id", "operation", "occurred_at", "reason", "command_id")
+OUTBOX_COLUMNS = ("kind", "key", "payload", "event_id", "headers")
+NOTIFY_OUTBOX = "SELECT pg_notify('segmentation_outbox', '')"
+NOTIFY_TTL = "SELECT pg_notify('segmentation_ttl', $1)"
+
+# --- set-based fan-outs -------------------------------------------------------------------------------
+# $1 segment id, $2 slug, $3 occurred_at (timestamptz), $4 occurred_at as RFC 3339 text, $5 command id.
+_MEMBERSHIP_EVENT = """
+convert_to(json_build_object(
+    'event_id', event_id, 'type', 'MembershipChanged', 'change', '{change}', 'user_id', user_id,
+    'slug', $2::text, 'reason', '{reason}', 'expires_at', {expires_at}, 'occurred_at', $4::text,
+    'command_id', $5::text)::text, 'UTF8')
+"""
+
+
+def _fan_out(changed_cte: str, change: str, reason: str, expires_at: str) -> str:
+    event = _MEMBERSHIP_EVENT.format(change=change, reason=reason, expires_at=expires_at)
+    return f"""
+WITH changed AS ({changed_cte}),
+history AS (
+    INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason, command_id)
+    SELECT user_id, $2, $1, '{change}', $3, '{reason}', $5 FROM changed
+),
+events AS (SELECT user_id, expires_at, gen_random_uuid()::text AS event_id FROM changed),
+published AS (
+    INSERT INTO outbox (kind, key, payload, event_id)
+    SELECT 'membership', convert_to(user_id::text, 'UTF8'), {event}, event_id FROM events ORDER BY user_id
+    RETURNING 1
+)
+SELECT count(*) FROM published
+"""
+
+
+# $6 salt, $7 lower bucket line (inclusive), $8 upper bucket line (exclusive)
+ROLLOUT_ADD = _fan_out(
+    """
+    INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
+    SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM users u
+    WHERE segment_bucket($6, u.user_id) >= $7 AND segment_bucket($6, u.user_id) < $8
+      AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = u.user_id AND x.segment_id = $1)
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, expires_at
+    """,
+    "added", "auto_percent", "NULL",
+)
+# $6 salt, $7 new bucket line: rollout members at or above it leave; explicit members never do.
+ROLLOUT_REMOVE = _fan_out(
+    """
+    DELETE FROM memberships
+    WHERE segment_id = $1 AND source = 'auto_percent' AND segment_bucket($6, user_id) >= $7
+    RETURNING user_id, expires_at
+    """,
+    "removed", "auto_percent", "NULL",
+)
+SEGMENT_DELETE_MEMBERS = _fan_out(
+    "DELETE FROM memberships WHERE segment_id = $1 RETURNING user_id, expires_at",
+    "removed", "segment_deleted",
+    "to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+)

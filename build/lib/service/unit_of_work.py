@@ -1,0 +1,154 @@
+"""Collects what a run of commands changes and writes it with a handful of bulk statements."""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from schemas.common import format_time
+from schemas.events import MembershipChanged, SegmentChanged
+from schemas.results import CommandResult
+from service import sql
+from service.domain import Change, Membership, UserState
+
+
+@dataclass
+class OutboxRow:
+    kind: str  # 'membership' | 'segment' | 'result' | 'dlq'
+    key: bytes | None
+    payload: bytes
+    event_id: str
+    headers: dict[str, str] | None = None
+
+    def record(self) -> tuple:
+        return (self.kind, self.key, self.payload, self.event_id, json.dumps(self.headers) if self.headers else None)
+
+
+def membership_event(change: Change, command_id: str | None) -> OutboxRow:
+    event = MembershipChanged(
+        event_id=str(uuid.uuid4()), change=change.change, user_id=change.user_id, slug=change.segment.slug,
+        reason=change.reason, expires_at=change.expires_at, occurred_at=change.occurred_at, command_id=command_id,
+    )
+    return OutboxRow("membership", str(change.user_id).encode(), event.model_dump_json().encode(), event.event_id)
+
+
+def segment_event(event: SegmentChanged) -> OutboxRow:
+    return OutboxRow("segment", event.slug.encode(), event.model_dump_json().encode(), event.event_id)
+
+
+def result_row(command_id: str, payload: str) -> OutboxRow:
+    return OutboxRow("result", command_id.encode(), payload.encode(), str(uuid.uuid4()))
+
+
+@dataclass
+class UnitOfWork:
+    """The writes of a batch, in order; `flush` sends them to PostgreSQL inside the caller's transaction.
+
+    User state is loaded once per run of user commands and snapshotted; `flush` writes the difference
+    between the snapshot and the state the rules left, so every change of a row is written exactly once.
+    """
+
+    now: datetime
+    users: dict[int, UserState] = field(default_factory=dict)
+    before: dict[int, tuple[dict[int, Membership], set[int]]] = field(default_factory=dict)
+    new_users: list[int] = field(default_factory=list)
+    history: list[tuple] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    processed: list[tuple] = field(default_factory=list)
+    earliest_expiry: datetime | None = None
+
+    async def load_users(self, conn: asyncpg.Connection, user_ids: set[int]) -> None:
+        """Read the state of users not loaded yet (memberships, exclusions, known or not)."""
+        ids = [u for u in user_ids if u not in self.users]
+        if not ids:
+            return
+        known = {r["user_id"] for r in await conn.fetch(sql.KNOWN_USERS, ids)}
+        for u in ids:
+            self.users[u] = UserState(u, known=u in known)
+        for r in await conn.fetch(sql.USER_MEMBERSHIPS, ids):
+            self.users[r["user_id"]].memberships[r["segment_id"]] = Membership(
+                r["source"], r["added_at"], r["expires_at"]
+            )
+        for r in await conn.fetch(sql.USER_EXCLUSIONS, ids):
+            self.users[r["user_id"]].exclusions.add(r["segment_id"])
+        for u in ids:
+            state = self.users[u]
+            self.before[u] = (dict(state.memberships), set(state.exclusions))
+
+    def record_changes(self, changes: list[Change], command_id: str | None) -> None:
+        for c in changes:
+            self.history.append(
+                (c.user_id, c.segment.slug, c.segment.id, c.change, c.occurred_at, c.reason, command_id)
+            )
+            self.outbox.append(membership_event(c, command_id))
+            if c.change == "added" and c.expires_at is not None:
+                if self.earliest_expiry is None or c.expires_at < self.earliest_expiry:
+                    self.earliest_expiry = c.expires_at
+
+    def record_result(self, result: CommandResult, body_hash: str | None) -> str:
+        """Store the result in the inbox (when `body_hash` is given) and publish it; returns its JSON."""
+        payload = result.model_dump_json()
+        if body_hash is not None:
+            self.processed.append((result.command_id, result.type, body_hash, payload, result.processed_at))
+        self.outbox.append(result_row(result.command_id, payload))
+        return payload
+
+    def record_outbox(self, row: OutboxRow) -> None:
+        self.outbox.append(row)
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        """Write users, memberships, exclusions, history, outbox and inbox rows; then forget the state."""
+        if self.new_users:
+            await conn.execute(sql.INSERT_USERS, self.new_users, [self.now] * len(self.new_users))
+        await self._write_state(conn)
+        if self.history:
+            await conn.copy_records_to_table("membership_history", records=self.history, columns=sql.HISTORY_COLUMNS)
+        if self.processed:
+            await conn.execute(sql.STORE_PROCESSED, *map(list, zip(*self.processed)))
+        if self.outbox:
+            await conn.copy_records_to_table(
+                "outbox", records=[r.record() for r in self.outbox], columns=sql.OUTBOX_COLUMNS
+            )
+        if self.earliest_expiry is not None:
+            await conn.execute(sql.NOTIFY_TTL, format_time(self.earliest_expiry))
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop loaded state and pending writes (after a flush, or after a rollback)."""
+        self.users.clear()
+        self.before.clear()
+        self.new_users.clear()
+        self.history.clear()
+        self.outbox.clear()
+        self.processed.clear()
+        self.earliest_expiry = None
+
+    async def _write_state(self, conn: asyncpg.Connection) -> None:
+        gone: list[tuple[int, int]] = []
+        kept: list[tuple[int, int, Membership]] = []
+        excluded: list[tuple[int, int]] = []
+        included: list[tuple[int, int]] = []
+        for user_id, (memberships, exclusions) in self.before.items():
+            state = self.users[user_id]
+            gone += [(user_id, s) for s in memberships.keys() - state.memberships.keys()]
+            kept += [(user_id, s, m) for s, m in state.memberships.items() if memberships.get(s) != m]
+            excluded += [(user_id, s) for s in state.exclusions - exclusions]
+            included += [(user_id, s) for s in exclusions - state.exclusions]
+        if gone:
+            await conn.execute(sql.DELETE_MEMBERSHIPS, *_columns(gone, 2))
+        if kept:
+            await conn.execute(
+                sql.UPSERT_MEMBERSHIPS, [u for u, _, _ in kept], [s for _, s, _ in kept],
+                [m.source for *_, m in kept], [m.added_at for *_, m in kept], [m.expires_at for *_, m in kept],
+            )
+        if included:
+            await conn.execute(sql.DELETE_EXCLUSIONS, *_columns(included, 2))
+        if excluded:
+            await conn.execute(sql.INSERT_EXCLUSIONS, *_columns(excluded, 2), [self.now] * len(excluded))
+
+
+def _columns(rows: list[tuple], width: int) -> list[list]:
+    return [[r[i] for r in rows] for i in range(width)] if rows else [[] for _ in range(width)]

@@ -1,0 +1,72 @@
+"""The read side: plain SQL on the tables, no unit of work. Expired memberships are filtered in the query."""
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import asyncpg
+
+# Explicit (and materialized rollout) memberships that have not expired, plus the rollouts computed from the
+# bucket for any user id, minus explicit exclusions. Known users' rollout rows are stored, so UNION dedups.
+USER_SEGMENTS = """
+WITH stored AS (
+    SELECT s.id, s.slug, m.added_at, m.expires_at, m.source FROM memberships m JOIN segments s ON s.id = m.segment_id
+    WHERE m.user_id = $1 AND s.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+), computed AS (
+    SELECT s.id, s.slug, s.rollout_at AS added_at, NULL::timestamptz AS expires_at, 'auto_percent' AS source
+    FROM segments s
+    WHERE s.deleted_at IS NULL AND s.auto_percent > 0
+      AND segment_bucket(s.salt, $1) < (s.auto_percent * 100)::int
+      AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = $1 AND x.segment_id = s.id)
+      AND NOT EXISTS (SELECT 1 FROM stored WHERE stored.id = s.id)
+)
+SELECT slug, added_at, expires_at, source FROM stored
+UNION ALL SELECT slug, added_at, expires_at, source FROM computed
+ORDER BY slug
+"""
+_SEGMENT_COLUMNS = """
+SELECT s.slug, s.description, s.auto_percent, s.created_at, s.deleted_at,
+    (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id
+       AND (m.expires_at IS NULL OR m.expires_at > now())) AS member_count
+FROM segments s
+"""
+SEGMENTS = _SEGMENT_COLUMNS + "WHERE $1 OR s.deleted_at IS NULL ORDER BY s.slug, s.id"
+# The live incarnation of a slug, or else its latest deleted one.
+SEGMENT = _SEGMENT_COLUMNS + "WHERE s.slug = $1 ORDER BY s.deleted_at IS NULL DESC, s.id DESC LIMIT 1"
+COMMAND_RESULT = "SELECT result::text FROM processed_commands WHERE command_id = $1"
+# One UTC month, oldest first, already formatted as CSV lines by COPY.
+HISTORY_CSV = """
+SELECT user_id, slug, operation,
+       to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), reason
+FROM membership_history
+WHERE occurred_at >= make_timestamptz({year}, {month}, 1, 0, 0, 0, 'UTC')
+  AND occurred_at < make_timestamptz({year}, {month}, 1, 0, 0, 0, 'UTC') + interval '1 month'
+  {user_filter}
+ORDER BY occurred_at, id
+"""
+HISTORY_HEADER = b"user_id;segment;operation;timestamp;reason\n"
+
+
+async def user_segments(conn: asyncpg.Connection, user_id: int) -> list[dict]:
+    return [dict(r) for r in await conn.fetch(USER_SEGMENTS, user_id)]
+
+
+async def segments(conn: asyncpg.Connection, include_deleted: bool) -> list[dict]:
+    return [dict(r) for r in await conn.fetch(SEGMENTS, include_deleted)]
+
+
+async def segment(conn: asyncpg.Connection, slug: str) -> dict | None:
+    row = await conn.fetchrow(SEGMENT, slug)
+    return dict(row) if row else None
+
+
+async def command_result(conn: asyncpg.Connection, command_id: str) -> str | None:
+    return await conn.fetchval(COMMAND_RESULT, command_id)
+
+
+async def stream_history_csv(conn: asyncpg.Connection, year: int, month: int, user_id: int | None,
+                             write: Callable[[bytes], Awaitable[None]]) -> None:
+    """Stream the month's CSV through COPY: constant memory whatever the size. Year, month, user are ints."""
+    query = HISTORY_CSV.format(year=int(year), month=int(month),
+                               user_filter=f"AND user_id = {int(user_id)}" if user_id is not None else "")
+    await write(HISTORY_HEADER)
+    await conn.copy_from_query(query, output=write, format="csv", delimiter=";")
