@@ -140,8 +140,8 @@ def update_user_segments(
     """The Avito method: add and remove in one atomic step. Raises before touching `user` if rejected."""
     validate_update(cmd, now)
     adds = cmd.added()
-    to_add = _live([a.slug for a in adds], segments) if adds else []
-    to_remove = _live(list(cmd.remove), segments) if cmd.remove else []
+    live = _live([a.slug for a in adds] + list(cmd.remove), segments)
+    to_add, to_remove = live[: len(adds)], live[len(adds):]
     out = Outcome()
     for seg, add in zip(to_add, adds):
         _drop_if_expired(user, seg, now, out)

