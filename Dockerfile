@@ -6,7 +6,8 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 # Dependencies first, so a code change does not reinstall them.
 COPY pyproject.toml ./
-RUN /opt/venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN /opt/venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+        > requirements.txt \
     && /opt/venv/bin/pip install -r requirements.txt
 COPY schemas ./schemas
 COPY service ./service

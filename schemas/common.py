@@ -3,7 +3,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 MAX_USER_ID = 2**63 - 1
@@ -18,7 +18,10 @@ def format_time(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-UtcTime = Annotated[AwareDatetime, AfterValidator(_utc), PlainSerializer(format_time, return_type=str)]
+UtcTime = Annotated[
+    AwareDatetime, AfterValidator(_utc), PlainSerializer(format_time, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN, examples=["AVITO_VOICE_MESSAGES"])]
 UserId = Annotated[int, Field(ge=1, le=MAX_USER_ID, strict=True, examples=[1000])]
 CommandId = Annotated[str, Field(min_length=1, max_length=128, examples=["7f8e2a6c-4d8b-4d8e-9c57-1f0cf6f2b1a1"])]
@@ -26,10 +29,11 @@ Percent = Annotated[
     Decimal,
     Field(ge=0, le=100, max_digits=5, decimal_places=2, examples=[10, 12.5]),
     PlainSerializer(float, return_type=float),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.01}),
 ]
 
 
 class Message(BaseModel):
     """Base of every wire message: immutable, unknown fields rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_serialization_defaults_required=True)

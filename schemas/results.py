@@ -6,6 +6,8 @@ from schemas.common import CommandId, Message, UtcTime
 
 
 class ErrorCode(str, Enum):
+    """Why a command was rejected."""
+
     INVALID_COMMAND = "INVALID_COMMAND"
     SEGMENT_NOT_FOUND = "SEGMENT_NOT_FOUND"
     SEGMENT_EXISTS = "SEGMENT_EXISTS"
@@ -13,12 +15,16 @@ class ErrorCode(str, Enum):
 
 
 class ErrorInfo(Message):
+    """The reason of a rejection; `details` lists the slugs at fault where there are some."""
+
     code: ErrorCode
     message: str
     details: dict[str, Any] | None = None
 
 
 class CommandResult(Message):
+    """The outcome of one command; `events` counts the MembershipChanged events it caused."""
+
     command_id: CommandId
     type: str
     status: Literal["applied", "rejected"]

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 from service import db, embedded, kafka
 from service.settings import Settings
@@ -81,3 +81,43 @@ def _wait_for_signal_or_exit(children: list[subprocess.Popen]) -> bool:
                 return False
         time.sleep(0.5)  # a signal ends the sleep early
     return True
+
+
+@contextmanager
+def child_stack(workers: int = 1, extra_env: dict | None = None, ready_timeout: float = 90.0):
+    """Run `segmentation dev` as a child process on free ports (benchmarks, end-to-end tests); yield its
+    Settings; SIGTERM it at the end."""
+    kafka_port, http_port = embedded.free_port(), embedded.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+    env |= {"DEV_KAFKA_PORT": str(kafka_port), "HTTP_PORT": str(http_port), "LOG_LEVEL": "WARNING"}
+    env |= extra_env or {}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev", "--workers", str(workers)], env=env,
+                            start_new_session=True)
+    try:
+        embedded.wait_port("127.0.0.1", http_port, timeout=ready_timeout, proc=proc)
+        settings = Settings(kafka_bootstrap_servers=f"127.0.0.1:{kafka_port}", http_port=http_port)
+        _wait_ready(f"http://127.0.0.1:{http_port}/readyz", ready_timeout)
+        yield settings
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+
+def _wait_ready(url: str, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never answered 200")

@@ -6,6 +6,7 @@ from functools import lru_cache
 from pydantic.json_schema import models_json_schema
 
 from schemas.http import ErrorBody, ReportLink, SegmentInfo, SegmentList, UserSegments
+from schemas.results import CommandResult
 
 SWAGGER_HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>segmentation API</title>
@@ -16,7 +17,7 @@ SWAGGER_HTML = """<!doctype html>
 </body></html>
 """
 
-_MODELS = (UserSegments, SegmentList, SegmentInfo, ReportLink, ErrorBody)
+_MODELS = (UserSegments, SegmentList, SegmentInfo, ReportLink, ErrorBody, CommandResult)
 
 
 def _ref(name: str) -> dict:
@@ -65,8 +66,7 @@ def document() -> dict:
         "/api/v1/commands/{command_id}": {"get": {
             "summary": "The stored result of a command", "operationId": "getCommandResult",
             "parameters": [_param("command_id", "path", {"type": "string", "minLength": 1, "maxLength": 128})],
-            "responses": {ok: {"description": "the result, as on the results topic",
-                               "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {ok: _json("CommandResult", "the result, as on the results topic"),
                           missing: _error("unknown command id")}}},
         "/api/v1/reports/history": {"get": {
             "summary": "A link to the month's history CSV", "operationId": "getHistoryReportLink",

@@ -1,6 +1,5 @@
 """Crash safety: workers killed mid-run lose nothing and apply nothing twice; events stay in order per user."""
 import json
-import os
 import signal
 import subprocess
 import sys

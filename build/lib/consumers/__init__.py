@@ -1,1 +1,0 @@
-"""The command worker: poll, decode, dispatch, store offsets, commit. No business rules."""

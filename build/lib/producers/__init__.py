@@ -1,1 +1,0 @@
-"""Producers: the outbox relay, the TTL producer and the client-side publisher the CLI uses."""

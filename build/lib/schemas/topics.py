@@ -1,6 +1,0 @@
-"""Default topic names (each configurable through settings)."""
-COMMANDS = "segmentation.commands.v1"
-DLQ = "segmentation.commands.v1.dlq"
-RESULTS = "segmentation.command-results.v1"
-MEMBERSHIP_CHANGED = "segmentation.membership-changed.v1"
-SEGMENT_CHANGED = "segmentation.segment-changed.v1"
