@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import asyncpg
 
@@ -19,7 +20,8 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
     while not stopping.is_set():
         conn = None
         try:
-            conn = await asyncpg.connect(url, timeout=10)
+            conn = await asyncpg.connect(url, timeout=10, server_settings={
+                "application_name": f"segmentation-{name.replace(' ', '-')}-{os.getpid()}"})
             while not stopping.is_set():
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
                     log.info(f"{name} is active", extra={"lock": lock_id})

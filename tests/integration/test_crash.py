@@ -1,4 +1,5 @@
 """Crash safety: workers killed mid-run lose nothing and apply nothing twice; events stay in order per user."""
+import asyncio
 import json
 import signal
 import subprocess
@@ -131,3 +132,31 @@ async def test_two_workers_one_killed_mid_run(crash_settings):
                     w.wait(15)
                 except subprocess.TimeoutExpired:
                     w.kill()
+
+
+async def test_sigterm_mid_stream_finishes_the_batch_and_loses_nothing(crash_settings):
+    async with Stack(crash_settings, workers=0) as stack:
+        first = start_worker(crash_settings)
+        try:
+            slugs = await _setup(stack)
+            total = await publish_commands(stack, slugs)
+            await wait_until(lambda: _at_least(processed(stack), 1500), timeout=60, message="progress")
+            first.send_signal(signal.SIGTERM)
+            started = asyncio.get_running_loop().time()
+            code = await asyncio.get_running_loop().run_in_executor(None, first.wait, 15)
+            assert code == 0
+            assert asyncio.get_running_loop().time() - started < 10
+            done = await processed(stack)
+            assert done < total + 2, "the worker finished before it was stopped"
+            # No half-applied batch: the stored offsets account for exactly the commands applied.
+            offsets = await stack.query("SELECT sum(next_offset) AS n FROM consumer_offsets")
+            assert offsets[0]["n"] == done
+            second = start_worker(crash_settings)
+            try:
+                await check_exactly_once(stack, slugs, total)
+            finally:
+                second.terminate()
+                second.wait(15)
+        finally:
+            if first.poll() is None:
+                first.kill()

@@ -1,0 +1,98 @@
+"""Operations: metrics that move, the TTL producer's failover."""
+import asyncio
+import signal
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
+
+from producers import leader
+from schemas import CreateSegment, UpdateUserSegments
+from service.api import create_app
+from tests.conftest import ROOT, fast_settings, new_database, settings_env, wait_until
+from tests.harness import Stack, cid
+
+
+def sample(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_are_present_and_move(pg_admin_url, template_db, broker_bootstrap):
+    settings = fast_settings(await new_database(pg_admin_url), broker_bootstrap)
+    before = sample("segmentation_commands_total", type="UpdateUserSegments", status="applied")
+    rejected = sample("segmentation_commands_total", type="UpdateUserSegments", status="rejected")
+    batches = sample("segmentation_batch_size_count")
+    published = sample("segmentation_outbox_published_total", kind="membership")
+    async with Stack(settings) as stack:
+        await stack.request(CreateSegment(command_id=cid(), slug="M"))
+        for user in range(1, 4):
+            await stack.request(UpdateUserSegments(command_id=cid(), user_id=user, add=["M"]))
+        await stack.request(UpdateUserSegments(command_id=cid(), user_id=9, add=["NOPE"]))
+        await wait_until(lambda: _grew("segmentation_outbox_published_total", published + 3, kind="membership"),
+                         message="published events counted")
+        client = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        try:
+            await client.get("/api/v1/users/1/segments")
+            await client.get("/api/v1/users/x/segments")
+            text = await (await client.get("/metrics")).text()
+        finally:
+            await client.close()
+    assert sample("segmentation_commands_total", type="UpdateUserSegments", status="applied") == before + 3
+    assert sample("segmentation_commands_total", type="UpdateUserSegments", status="rejected") == rejected + 1
+    assert sample("segmentation_batch_size_count") > batches
+    assert sample("segmentation_command_latency_seconds_count") > 0
+    assert sample("segmentation_outbox_publish_latency_seconds_count") > 0
+    for name in ("segmentation_http_requests_total", "segmentation_http_request_seconds_bucket",
+                 "segmentation_consumer_lag", "segmentation_outbox_backlog", "segmentation_ttl_lag_seconds"):
+        assert name in text, name
+    assert 'route="/api/v1/users/{user_id}/segments"' in text and 'status="400"' in text
+
+
+async def _grew(name, at_least, **labels):
+    return sample(name, **labels) >= at_least
+
+
+def start_ttl(settings) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "ttl"], env=settings_env(settings), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def active_ttl_pid(stack) -> int | None:
+    rows = await stack.query(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted", leader.TTL_LOCK)
+    return int(rows[0]["application_name"].rsplit("-", 1)[1]) if rows else None
+
+
+async def test_ttl_producer_failover(pg_admin_url, template_db, broker_bootstrap):
+    settings = fast_settings(await new_database(pg_admin_url), broker_bootstrap)
+    async with Stack(settings) as stack:
+        producers = [start_ttl(settings), start_ttl(settings)]
+        try:
+            await stack.request(CreateSegment(command_id=cid(), slug="T"))
+            pid = await wait_until(lambda: active_ttl_pid(stack), message="an active TTL producer")
+            active = next(p for p in producers if p.pid == pid)
+            expires = datetime.now(timezone.utc) + timedelta(seconds=4)
+            for user in range(1, 6):
+                await stack.request(UpdateUserSegments(
+                    command_id=cid(), user_id=user, add=[{"slug": "T", "expires_at": expires.isoformat()}]))
+            active.send_signal(signal.SIGKILL)  # the active one dies before the memberships are due
+            active.wait(10)
+
+            async def expired():
+                events = [e for e in stack.collector.membership_events() if e["reason"] == "expired"]
+                return events if len({e["user_id"] for e in events}) == 5 else None
+
+            events = await wait_until(expired, timeout=30, message="expiry after failover")
+            assert all(e["slug"] == "T" and e["change"] == "removed" for e in events)
+            new_pid = await active_ttl_pid(stack)
+            assert new_pid is not None and new_pid != pid
+        finally:
+            for p in producers:
+                if p.poll() is None:
+                    p.terminate()
+            for p in producers:
+                p.wait(15)

@@ -1,0 +1,64 @@
+"""The monthly history report: streamed CSV of every membership change in a UTC month."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.api import create_app
+from service.settings import Settings
+from tests.integration.batch_helpers import Feeder, create, update_user
+
+NOV = datetime(2026, 11, 3, 10, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+async def http(database_url):
+    client = TestClient(TestServer(create_app(Settings(database_url=database_url, public_base_url="http://reports"))))
+    await client.start_server()
+    yield client
+    await client.close()
+
+
+async def csv(http, query: str) -> list[list[str]]:
+    resp = await http.get(f"/api/v1/reports/history.csv?{query}")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/csv")
+    lines = (await resp.text()).splitlines()
+    assert lines[0] == "user_id;segment;operation;timestamp;reason"
+    return [line.split(";") for line in lines[1:]]
+
+
+async def test_a_month_with_adds_removes_expiries_and_a_deleted_segment(conn, http):
+    f = Feeder(conn, now=datetime(2026, 10, 31, 23, 59, tzinfo=timezone.utc))
+    await f.apply(create("A"), create("B"), update_user("october", 1, add=["A"]))  # not in November
+    f.now = NOV
+    await f.apply(update_user("c1", 1, add=["B", {"slug": "A", "ttl_seconds": 3600}]),
+                  update_user("c2", 2, add=["A", "B"]))
+    f.now = NOV + timedelta(hours=2)
+    await f.apply({"type": "ExpireMembership", "command_id": "exp", "user_id": 1, "slug": "A",
+                   "expires_at": "2026-11-03T11:00:00Z"})
+    f.now = NOV + timedelta(days=1)
+    await f.apply(update_user("c3", 2, remove=["A"]), {"type": "DeleteSegment", "command_id": "del", "slug": "B"})
+    f.now = datetime(2026, 12, 1, 0, 0, tzinfo=timezone.utc)
+    await f.apply(update_user("december", 3, add=["A"]))
+
+    rows = await csv(http, "year=2026&month=11")
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("1", "B", "added", "command"), ("1", "A", "added", "command"),  # a changed expiry is an `added`
+        ("2", "A", "added", "command"), ("2", "B", "added", "command"),
+        ("1", "A", "removed", "expired"),
+        ("2", "A", "removed", "command"),
+        ("1", "B", "removed", "segment_deleted"), ("2", "B", "removed", "segment_deleted"),
+    ]
+    assert rows[4][3] == "2026-11-03T11:00:00.000000Z"  # an expiry is dated at the expiry time itself
+    assert [r[0] for r in await csv(http, "year=2026&month=11&user_id=2")] == ["2"] * 4
+    assert await csv(http, "year=2026&month=10") == [["1", "A", "added", "2026-10-31T23:59:00.000000Z", "command"]]
+
+
+async def test_an_empty_month_is_just_the_header(http):
+    assert await csv(http, "year=2025&month=2") == []
+
+
+async def test_the_link_points_at_the_csv(http):
+    resp = await http.get("/api/v1/reports/history?year=2026&month=11&user_id=7")
+    assert await resp.json() == {"url": "http://reports/api/v1/reports/history.csv?year=2026&month=11&user_id=7"}
