@@ -29,15 +29,20 @@ def client_options(settings: Settings) -> dict:
     return opts
 
 
-def producer(settings: Settings, **overrides) -> AIOKafkaProducer:
-    opts = client_options(settings) | {
+def producer_options(settings: Settings) -> dict:
+    """Producer options: idempotence is a setting (Apache Kafka: on; the embedded broker refuses it)."""
+    return client_options(settings) | {
         "enable_idempotence": settings.kafka_enable_idempotence,
         "acks": "all" if settings.kafka_enable_idempotence else _acks(settings.kafka_acks),
         "linger_ms": settings.kafka_linger_ms,
         "compression_type": settings.kafka_compression_type,
         "max_batch_size": 1024 * 1024,
     }
-    return AIOKafkaProducer(**(opts | overrides))
+
+
+def producer(settings: Settings, **overrides) -> AIOKafkaProducer:
+    """A producer from settings; `overrides` win (tests and benchmarks)."""
+    return AIOKafkaProducer(**(producer_options(settings) | overrides))
 
 
 def _acks(value: str):
@@ -45,6 +50,7 @@ def _acks(value: str):
 
 
 def consumer(settings: Settings, *topics: str, group: str | None, **overrides) -> AIOKafkaConsumer:
+    """A consumer with manual commits; `group=None` reads without a group (CLI watch, tests)."""
     opts = client_options(settings) | {
         "group_id": group,
         "enable_auto_commit": False,

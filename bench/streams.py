@@ -1,0 +1,61 @@
+"""Bench helpers on top of Kafka: tail a topic from its end, publish a burst of commands and wait for their results."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from common import dumps
+from service import kafka
+
+# The bench consumer's own fetch wait: small, so that what is measured is the service, not the bench's polling.
+FETCH_WAIT_MS = 20
+
+
+async def tail(settings, topic: str) -> AIOKafkaConsumer:
+    """A group-less consumer of every partition of `topic`, positioned at its end: it sees only what comes next."""
+    consumer = kafka.consumer(settings, group=None, fetch_max_wait_ms=FETCH_WAIT_MS)
+    await consumer.start()
+    parts = consumer.partitions_for_topic(topic)
+    while not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic)
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    return consumer
+
+
+async def run_commands(settings, commands: list[tuple[bytes, dict]], timeout: float = 240.0) -> dict[str, dict]:
+    """Publish (key, command) pairs in one burst; wait until every result is out; return results by command id."""
+    results = await tail(settings, settings.results_topic)
+    producer = kafka.producer(settings, linger_ms=20)
+    await producer.start()
+    wanted = {c["command_id"] for _, c in commands}
+    got: dict[str, dict] = {}
+
+    async def collect() -> None:
+        while wanted:
+            for recs in (await results.getmany(timeout_ms=200, max_records=10_000)).values():
+                for r in recs:
+                    result = json.loads(r.value)
+                    if result["command_id"] in wanted:
+                        wanted.discard(result["command_id"])
+                        got[result["command_id"]] = result
+
+    try:
+        collector = asyncio.create_task(collect())
+        for key, command in commands:
+            await producer.send(settings.commands_topic, dumps(command), key=key)
+        await producer.flush()
+        await asyncio.wait_for(collector, timeout)
+    finally:
+        await producer.stop()
+        await results.stop()
+    rejected = [r for r in got.values() if r["status"] != "applied"]
+    if rejected:
+        raise RuntimeError(f"{len(rejected)} commands rejected, e.g. {rejected[0]}")
+    return got
