@@ -59,7 +59,7 @@ async def run(settings, users: int, lead: float, timeout: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=10_000)
-    parser.add_argument("--lead", type=float, default=15.0, help="Seconds between now and expires_at.")
+    parser.add_argument("--lead", type=float, default=10.0, help="Seconds between now and expires_at.")
     parser.add_argument("--timeout", type=float, default=60.0, help="Give up this long after expires_at.")
     args = parser.parse_args()
     with dev_stack() as settings:

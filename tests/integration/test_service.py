@@ -172,3 +172,18 @@ async def _removed(stack, user, s):
     found = [e for e in stack.collector.membership_events()
              if e["user_id"] == user and e["slug"] == s and e["change"] == "removed"]
     return found[0] if found else None
+
+
+async def test_readyz_is_503_while_kafka_is_unreachable(stack):
+    from service.embedded import free_port
+
+    settings = stack.settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["checks"] == {"postgres": "ok", "kafka": "unreachable"}
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        await client.close()
