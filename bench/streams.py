@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -29,13 +30,16 @@ async def tail(settings, topic: str) -> AIOKafkaConsumer:
     return consumer
 
 
-async def run_commands(settings, commands: list[tuple[bytes, dict]], timeout: float = 240.0) -> dict[str, dict]:
-    """Publish (key, command) pairs in one burst; wait until every result is out; return results by command id."""
+async def run_commands(settings, commands: list[tuple[bytes, dict]], timeout: float = 240.0
+                       ) -> tuple[dict[str, dict], float, float]:
+    """Publish (key, command) pairs in one burst; wait until every result is out. Returns the results by command id,
+    and the perf_counter() of the first publish (clients already connected) and of the last result's arrival."""
     results = await tail(settings, settings.results_topic)
-    producer = kafka.producer(settings, linger_ms=20)
+    producer = kafka.producer(settings, linger_ms=20 if len(commands) > 1 else 0)
     await producer.start()
     wanted = {c["command_id"] for _, c in commands}
     got: dict[str, dict] = {}
+    timing: list[float] = []
 
     async def collect() -> None:
         while wanted:
@@ -45,9 +49,11 @@ async def run_commands(settings, commands: list[tuple[bytes, dict]], timeout: fl
                     if result["command_id"] in wanted:
                         wanted.discard(result["command_id"])
                         got[result["command_id"]] = result
+        timing.append(time.perf_counter())
 
     try:
         collector = asyncio.create_task(collect())
+        sent_at = time.perf_counter()
         for key, command in commands:
             await producer.send(settings.commands_topic, dumps(command), key=key)
         await producer.flush()
@@ -58,4 +64,4 @@ async def run_commands(settings, commands: list[tuple[bytes, dict]], timeout: fl
     rejected = [r for r in got.values() if r["status"] != "applied"]
     if rejected:
         raise RuntimeError(f"{len(rejected)} commands rejected, e.g. {rejected[0]}")
-    return got
+    return got, sent_at, timing[-1]

@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Awaitable, Callable
 
 import asyncpg
+from aiokafka.errors import KafkaError
+from prometheus_client import Gauge
 
 log = logging.getLogger("segmentation.leader")
 
@@ -29,16 +32,36 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
                 if not announced:
                     log.info(f"{name} is on standby: another instance holds the lock", extra={"lock": lock_id})
                     announced = True
-                await _wait(stopping, retry_seconds)
+                await wait(stopping, retry_seconds)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             log.warning(f"{name}: cannot reach PostgreSQL", extra={"error": repr(exc)})
-            await _wait(stopping, retry_seconds)
+            await wait(stopping, retry_seconds)
         if conn is not None:
             await conn.close()
     return None
 
 
-async def _wait(event: asyncio.Event, seconds: float) -> None:
+async def lead_while_holding(url: str, lock_id: int, name: str, stopping: asyncio.Event,
+                             lead: Callable[[asyncpg.Connection], Awaitable[None]], active: Gauge) -> None:
+    """Wait for the lock, then `lead(conn)` while holding it; start over when the connection or broker fails."""
+    while not stopping.is_set():
+        conn = await acquire(url, lock_id, name, stopping)
+        if conn is None:
+            return
+        active.set(1)
+        try:
+            await lead(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+            log.warning(f"{name} lost its footing; starting over", extra={"error": repr(exc)})
+            await asyncio.sleep(0.5)
+        finally:
+            active.set(0)
+            if not conn.is_closed():
+                await conn.close()  # releases the lock
+
+
+async def wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event` at most `seconds`."""
     try:
         await asyncio.wait_for(event.wait(), seconds)
     except asyncio.TimeoutError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from schemas.commands import Command, command_key
 from service import kafka
@@ -36,12 +36,7 @@ class CommandClient:
         """Start reading results from the end of the topic; call before sending commands to wait for."""
         self.results = kafka.consumer(self.settings, group=None)
         await self.results.start()
-        parts = self.results.partitions_for_topic(self.settings.results_topic)
-        if not parts:
-            await self.results._client.force_metadata_update()
-            parts = self.results.partitions_for_topic(self.settings.results_topic) or {0}
-        tps = [TopicPartition(self.settings.results_topic, p) for p in sorted(parts)]
-        self.results.assign(tps)
+        tps = await kafka.assign_all(self.results, self.settings.results_topic)
         await self.results.seek_to_end(*tps)
         for tp in tps:
             await self.results.position(tp)

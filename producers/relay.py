@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from producers import leader
 from service import kafka, metrics
@@ -48,20 +47,8 @@ class OutboxRelay:
     async def run(self) -> None:
         await self.producer.start()
         try:
-            while not self.stopping.is_set():
-                conn = await leader.acquire(self.settings.database_url, leader.RELAY_LOCK, "relay", self.stopping)
-                if conn is None:
-                    break
-                metrics.RELAY_ACTIVE.set(1)
-                try:
-                    await self.lead(conn)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
-                    log.warning("relay lost its footing; starting over", extra={"error": repr(exc)})
-                    await asyncio.sleep(0.5)
-                finally:
-                    metrics.RELAY_ACTIVE.set(0)
-                    if not conn.is_closed():
-                        await conn.close()  # releases the lock
+            await leader.lead_while_holding(self.settings.database_url, leader.RELAY_LOCK, "relay", self.stopping,
+                                            self.lead, metrics.RELAY_ACTIVE)
         finally:
             await self.producer.stop()  # flushes what is in flight
             log.info("relay stopped", extra={"published": self.published})
@@ -80,7 +67,7 @@ class OutboxRelay:
                 await conn.execute(PURGE, float(self.settings.outbox_retention_seconds))
                 next_purge = now + 60
             if sent < self.settings.relay_batch_max:
-                await leader._wait(self.wake, self.settings.relay_poll_seconds)  # NOTIFY, or the polling fallback
+                await leader.wait(self.wake, self.settings.relay_poll_seconds)  # NOTIFY, or the polling fallback
 
     async def publish_batch(self, conn: asyncpg.Connection) -> int:
         """Claim, publish and mark one batch; on any failure the transaction rolls back and rows stay."""

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from producers import leader
 from schemas.commands import ExpireMembership
@@ -55,20 +54,8 @@ class TtlProducer:
     async def run(self) -> None:
         await self.producer.start()
         try:
-            while not self.stopping.is_set():
-                conn = await leader.acquire(self.settings.database_url, leader.TTL_LOCK, "ttl producer", self.stopping)
-                if conn is None:
-                    break
-                metrics.TTL_ACTIVE.set(1)
-                try:
-                    await self.lead(conn)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
-                    log.warning("ttl producer lost its footing; starting over", extra={"error": repr(exc)})
-                    await asyncio.sleep(0.5)
-                finally:
-                    metrics.TTL_ACTIVE.set(0)
-                    if not conn.is_closed():
-                        await conn.close()
+            await leader.lead_while_holding(self.settings.database_url, leader.TTL_LOCK, "ttl producer",
+                                            self.stopping, self.lead, metrics.TTL_ACTIVE)
         finally:
             await self.producer.stop()
             log.info("ttl producer stopped", extra={"published": self.published})
@@ -100,7 +87,7 @@ class TtlProducer:
             sleep = self.settings.ttl_max_sleep_seconds
             if self.next_due is not None:
                 sleep = min(sleep, max(0.0, (self.next_due - datetime.now(timezone.utc)).total_seconds()))
-            await leader._wait(self.wake, sleep)
+            await leader.wait(self.wake, sleep)
 
     async def publish_due(self, conn: asyncpg.Connection, now: datetime, cursor: tuple) -> tuple:
         """Publish every membership due at `now` after `cursor`; returns the new cursor."""

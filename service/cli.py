@@ -34,37 +34,36 @@ def _new_id() -> str:
 
 # ---- processes ----------------------------------------------------------------------------------------
 
-@app.command()
-def worker() -> None:
-    """Run a command worker (one member of the consumer group)."""
-    from consumers.worker import main
+def _run_with_metrics(main) -> None:
     from service import metrics
 
     settings = _settings()
     metrics.serve(settings.metrics_port)
     asyncio.run(main(settings))
+
+
+@app.command()
+def worker() -> None:
+    """Run a command worker (one member of the consumer group)."""
+    from consumers.worker import main
+
+    _run_with_metrics(main)
 
 
 @app.command()
 def relay() -> None:
     """Run the outbox relay (one active at a time; others stand by)."""
     from producers.relay import main
-    from service import metrics
 
-    settings = _settings()
-    metrics.serve(settings.metrics_port)
-    asyncio.run(main(settings))
+    _run_with_metrics(main)
 
 
 @app.command()
 def ttl() -> None:
     """Run the TTL producer (one active at a time; others stand by)."""
     from producers.ttl import main
-    from service import metrics
 
-    settings = _settings()
-    metrics.serve(settings.metrics_port)
-    asyncio.run(main(settings))
+    _run_with_metrics(main)
 
 
 @app.command()

@@ -1,10 +1,11 @@
 """Kafka clients built from settings: security, producer, consumer, topics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -62,6 +63,22 @@ def consumer(settings: Settings, *topics: str, group: str | None, **overrides) -
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
     return AIOKafkaConsumer(*topics, **(opts | overrides))
+
+
+async def assign_all(consumer: AIOKafkaConsumer, *topics: str, timeout: float = 30.0) -> list[TopicPartition]:
+    """Assign every partition of `topics` to a group-less consumer (waits for their metadata)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        while not (parts := consumer.partitions_for_topic(topic)):
+            if loop.time() > deadline:
+                raise RuntimeError(f"no metadata for topic {topic}")
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.1)
+        tps += [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    return tps
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:

@@ -7,8 +7,6 @@ import json
 import uuid
 from collections import defaultdict
 
-import asyncpg
-from aiokafka import TopicPartition
 
 from consumers.worker import CommandWorker
 from producers.publisher import CommandClient
@@ -31,14 +29,7 @@ class Collector:
         s = self.settings
         self.consumer = kafka.consumer(s, group=None)
         await self.consumer.start()
-        tps = []
-        for topic in (s.membership_topic, s.segment_topic, s.results_topic, s.dlq_topic):
-            parts = self.consumer.partitions_for_topic(topic)
-            while not parts:
-                await self.consumer._client.force_metadata_update()
-                parts = self.consumer.partitions_for_topic(topic)
-            tps += [TopicPartition(topic, p) for p in parts]
-        self.consumer.assign(tps)
+        tps = await kafka.assign_all(self.consumer, s.membership_topic, s.segment_topic, s.results_topic, s.dlq_topic)
         await self.consumer.seek_to_beginning(*tps)
         self.task = asyncio.create_task(self._read())
 

@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -92,55 +93,55 @@ async def crash_settings(pg_admin_url, template_db, broker_bootstrap):
     return fast_settings(await new_database(pg_admin_url), broker_bootstrap, worker_batch_max=100)
 
 
+@contextmanager
+def workers(settings, count: int):
+    """Worker processes; whatever still runs at the end is stopped."""
+    procs = [start_worker(settings) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def _run_until_progress(stack) -> tuple[dict[str, str], int]:
+    """Segments, then the 5 000 commands; returns once a good part of them is applied."""
+    slugs = await _setup(stack)
+    total = await publish_commands(stack, slugs)
+    await wait_until(lambda: _at_least(processed(stack), 1500), timeout=60, message="progress")
+    return slugs, total
+
+
 async def test_sigkill_of_the_worker_mid_run_loses_nothing_and_doubles_nothing(crash_settings):
     async with Stack(crash_settings, workers=0) as stack:
-        first = start_worker(crash_settings)
-        try:
-            slugs = await _setup(stack)
-            total = await publish_commands(stack, slugs)
-            await wait_until(lambda: _at_least(processed(stack), 1500), timeout=60, message="progress")
+        with workers(crash_settings, 1) as (first,):
+            slugs, total = await _run_until_progress(stack)
             first.send_signal(signal.SIGKILL)
             first.wait(10)
             assert await processed(stack) < total + 2, "the worker finished before it was killed"
-            second = start_worker(crash_settings)
-            try:
-                await check_exactly_once(stack, slugs, total)
-            finally:
-                second.terminate()
-                second.wait(15)
-        finally:
-            if first.poll() is None:
-                first.kill()
+        with workers(crash_settings, 1):
+            await check_exactly_once(stack, slugs, total)
 
 
 async def test_two_workers_one_killed_mid_run(crash_settings):
     async with Stack(crash_settings, workers=0) as stack:
-        workers = [start_worker(crash_settings), start_worker(crash_settings)]
-        try:
-            slugs = await _setup(stack)
-            total = await publish_commands(stack, slugs)
-            await wait_until(lambda: _at_least(processed(stack), 1500), timeout=60, message="progress")
-            workers[0].send_signal(signal.SIGKILL)
-            workers[0].wait(10)
+        with workers(crash_settings, 2) as (first, _second):
+            slugs, total = await _run_until_progress(stack)
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
             await check_exactly_once(stack, slugs, total)
-        finally:
-            for w in workers:
-                if w.poll() is None:
-                    w.terminate()
-            for w in workers:
-                try:
-                    w.wait(15)
-                except subprocess.TimeoutExpired:
-                    w.kill()
 
 
 async def test_sigterm_mid_stream_finishes_the_batch_and_loses_nothing(crash_settings):
     async with Stack(crash_settings, workers=0) as stack:
-        first = start_worker(crash_settings)
-        try:
-            slugs = await _setup(stack)
-            total = await publish_commands(stack, slugs)
-            await wait_until(lambda: _at_least(processed(stack), 1500), timeout=60, message="progress")
+        with workers(crash_settings, 1) as (first,):
+            slugs, total = await _run_until_progress(stack)
             first.send_signal(signal.SIGTERM)
             started = asyncio.get_running_loop().time()
             code = await asyncio.get_running_loop().run_in_executor(None, first.wait, 15)
@@ -151,12 +152,5 @@ async def test_sigterm_mid_stream_finishes_the_batch_and_loses_nothing(crash_set
             # No half-applied batch: the stored offsets account for exactly the commands applied.
             offsets = await stack.query("SELECT sum(next_offset) AS n FROM consumer_offsets")
             assert offsets[0]["n"] == done
-            second = start_worker(crash_settings)
-            try:
-                await check_exactly_once(stack, slugs, total)
-            finally:
-                second.terminate()
-                second.wait(15)
-        finally:
-            if first.poll() is None:
-                first.kill()
+        with workers(crash_settings, 1):
+            await check_exactly_once(stack, slugs, total)
