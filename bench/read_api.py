@@ -54,8 +54,8 @@ async def run(settings, requests: int, concurrency: int) -> None:
         for user, segments, label in ((KNOWN, 20, "user with 20 segments"), (UNKNOWN, 10, "unknown user (10 rollouts)")):
             url = f"{base}/{user}/segments"
             await load(session, url, 200, 1, segments)  # warm-up: connections, pool, plans
-            for c in (1, concurrency):
-                print(f"{label}, {requests} requests, concurrency {c}: {await load(session, url, requests, c, segments)}")
+            runs = [f"concurrency {c}: {await load(session, url, requests, c, segments)}" for c in (1, concurrency)]
+            print(f"{label}, {requests} requests each; " + "; ".join(runs))
 
 
 def main() -> None:

@@ -33,33 +33,54 @@ Ctrl-C stops everything.
 
 
 def run(workers: int = 1) -> int:
+    # SIGTERM behaves like Ctrl-C from the first instant, so the servers are stopped even during start-up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     settings = Settings()
     external_db = "DATABASE_URL" in os.environ
     external_kafka = "KAFKA_BOOTSTRAP_SERVERS" in os.environ
-    with ExitStack() as stack:
-        database = settings.database_url if external_db else stack.enter_context(embedded.postgres())
-        port = int(os.environ.get("DEV_KAFKA_PORT", "9092"))
-        bootstrap = settings.kafka_bootstrap_servers if external_kafka else stack.enter_context(
-            embedded.broker(port=port))
-        env = os.environ | {"DATABASE_URL": database, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
-        settings = Settings(database_url=database, kafka_bootstrap_servers=bootstrap)
-        asyncio.run(_prepare(settings))
-        children = [
-            subprocess.Popen([sys.executable, "-m", "service.cli", name], env=env)
-            for name in PROCESSES for _ in range(workers if name == "worker" else 1)
-        ]
-        print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
-                         database=database), file=sys.stderr, flush=True)
-        stop = _wait_for_signal_or_exit(children)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
+    children: list[subprocess.Popen] = []
+    try:
+        with ExitStack() as stack:
+            database = settings.database_url if external_db else stack.enter_context(embedded.postgres())
+            port = int(os.environ.get("DEV_KAFKA_PORT", "9092"))
+            bootstrap = settings.kafka_bootstrap_servers if external_kafka else stack.enter_context(
+                embedded.broker(port=port))
+            env = os.environ | {"DATABASE_URL": database, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+            settings = Settings(database_url=database, kafka_bootstrap_servers=bootstrap)
+            asyncio.run(_prepare(settings))
+            children += [
+                subprocess.Popen([sys.executable, "-m", "service.cli", name], env=env)
+                for name in PROCESSES for _ in range(workers if name == "worker" else 1)
+            ]
+            print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
+                             database=database), file=sys.stderr, flush=True)
             try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        return 0 if stop else 1
+                return _wait_for_exit(children)
+            finally:
+                _stop(children)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _wait_for_exit(children: list[subprocess.Popen]) -> int:
+    """Block until a child dies on its own (1); Ctrl-C or SIGTERM raise KeyboardInterrupt."""
+    while True:
+        for child in children:
+            if child.poll() is not None:
+                log.error("a process exited; stopping everything", extra={"args": child.args, "code": child.returncode})
+                return 1
+        time.sleep(0.5)
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(15)
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
 async def _prepare(settings: Settings) -> None:
@@ -67,20 +88,6 @@ async def _prepare(settings: Settings) -> None:
     applied = await db.migrate(settings.database_url)
     created = await kafka.create_topics(settings)
     log.info("ready", extra={"migrations": applied, "topics_created": created})
-
-
-def _wait_for_signal_or_exit(children: list[subprocess.Popen]) -> bool:
-    """Block until SIGINT/SIGTERM (True) or until a child dies on its own (False)."""
-    received = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _f: received.append(s))
-    while not received:
-        for child in children:
-            if child.poll() is not None:
-                log.error("a process exited; stopping everything", extra={"args": child.args, "code": child.returncode})
-                return False
-        time.sleep(0.5)  # a signal ends the sleep early
-    return True
 
 
 @contextmanager

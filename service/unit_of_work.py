@@ -28,7 +28,8 @@ class OutboxRow:
 
 
 def membership_event(change: Change, command_id: str | None) -> OutboxRow:
-    event = MembershipChanged(
+    # Built from validated state, so construction skips validation (it is on the hot path).
+    event = MembershipChanged.model_construct(
         event_id=str(uuid.uuid4()), change=change.change, user_id=change.user_id, slug=change.segment.slug,
         reason=change.reason, expires_at=change.expires_at, occurred_at=change.occurred_at, command_id=command_id,
     )

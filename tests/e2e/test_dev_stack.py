@@ -83,3 +83,37 @@ def test_cli_send_waits_and_exits_non_zero_on_rejection(dev):
     lines = done.stdout.splitlines()
     assert lines[0] == "user_id;segment;operation;timestamp;reason"
     assert [line.split(";")[:3] for line in lines[1:]] == [["3001", slug, "added"]]
+
+
+def _servers_on(port: int) -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
+
+
+def _embedded_postgres() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [""])[0].endswith("/postgres") and "segmentation-pg-" in " ".join(p.info["cmdline"])}
+
+
+@pytest.mark.parametrize("after", [0.5, 3.0])
+def test_sigterm_stops_every_server_it_started_even_during_start_up(after):
+    from service.embedded import free_port
+
+    port = free_port()
+    env = os.environ | {"DEV_KAFKA_PORT": str(port), "HTTP_PORT": str(free_port()), "LOG_LEVEL": "WARNING"}
+    env.pop("DATABASE_URL", None)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    postgres_before = _embedded_postgres()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev"], env=env, cwd=ROOT)
+    deadline = time.monotonic() + 20
+    while not _servers_on(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(after)
+    proc.terminate()
+    assert proc.wait(30) == 0
+    time.sleep(0.5)
+    assert _servers_on(port) == []
+    assert _embedded_postgres() <= postgres_before
