@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from common import dumps
 from service import kafka
@@ -18,12 +18,7 @@ async def tail(settings, topic: str) -> AIOKafkaConsumer:
     """A group-less consumer of every partition of `topic`, positioned at its end: it sees only what comes next."""
     consumer = kafka.consumer(settings, group=None, fetch_max_wait_ms=FETCH_WAIT_MS)
     await consumer.start()
-    parts = consumer.partitions_for_topic(topic)
-    while not parts:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
+    tps = await kafka.assign_all(consumer, topic)
     await consumer.seek_to_end(*tps)
     for tp in tps:
         await consumer.position(tp)

@@ -91,29 +91,29 @@ def _servers_on(port: int) -> list:
     return [p for p in psutil.process_iter(["cmdline"]) if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
 
 
-def _embedded_postgres() -> set[int]:
+def _postgres_under(folder: str) -> list:
     import psutil
 
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if (p.info["cmdline"] or [""])[0].endswith("/postgres") and "segmentation-pg-" in " ".join(p.info["cmdline"])}
+    return [p for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [""])[0].endswith("/postgres") and folder in " ".join(p.info["cmdline"])]
 
 
 @pytest.mark.parametrize("after", [0.5, 3.0])
-def test_sigterm_stops_every_server_it_started_even_during_start_up(after):
+def test_sigterm_stops_every_server_it_started_even_during_start_up(after, tmp_path):
     from service.embedded import free_port
 
     port = free_port()
-    env = os.environ | {"DEV_KAFKA_PORT": str(port), "HTTP_PORT": str(free_port()), "LOG_LEVEL": "WARNING"}
+    env = os.environ | {"DEV_KAFKA_PORT": str(port), "HTTP_PORT": str(free_port()), "LOG_LEVEL": "WARNING",
+                        "TMPDIR": str(tmp_path)}  # its PostgreSQL lives under tmp_path: we can tell it apart
     env.pop("DATABASE_URL", None)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    postgres_before = _embedded_postgres()
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev"], env=env, cwd=ROOT)
     deadline = time.monotonic() + 20
-    while not _servers_on(port) and time.monotonic() < deadline:
+    while not (_servers_on(port) and _postgres_under(str(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(after)
     proc.terminate()
     assert proc.wait(30) == 0
     time.sleep(0.5)
     assert _servers_on(port) == []
-    assert _embedded_postgres() <= postgres_before
+    assert _postgres_under(str(tmp_path)) == []
