@@ -187,3 +187,13 @@ async def test_readyz_is_503_while_kafka_is_unreachable(stack):
         assert (await client.get("/healthz")).status == 200
     finally:
         await client.close()
+
+
+async def test_the_api_serves_its_documents(stack, http):
+    openapi = await (await http.get("/openapi.json")).json()
+    assert openapi["openapi"].startswith("3.1") and "/api/v1/users/{user_id}/segments" in openapi["paths"]
+    asyncapi = await (await http.get("/asyncapi.json")).json()
+    assert asyncapi["asyncapi"] == "3.0.0"
+    assert stack.settings.commands_topic in {c["address"] for c in asyncapi["channels"].values()}
+    docs = await http.get("/docs")
+    assert docs.status == 200 and "swagger-ui" in await docs.text()
