@@ -13,9 +13,9 @@ import time
 import uuid
 
 import aiohttp
-from aiokafka import TopicPartition
 
 from common import dev_stack, dumps, percentile
+from streams import tail
 from producers.publisher import CommandClient
 from schemas.commands import CreateSegment
 from service import kafka
@@ -28,13 +28,7 @@ async def run(settings, commands: int, probes: int, rate: int) -> None:
         await client.listen()
         for slug in slugs:
             await client.request(CreateSegment(command_id=str(uuid.uuid4()), slug=slug))
-    results = kafka.consumer(settings, group=None)
-    await results.start()
-    tps = [TopicPartition(settings.results_topic, p) for p in sorted(results.partitions_for_topic(settings.results_topic))]
-    results.assign(tps)
-    await results.seek_to_end(*tps)
-    for tp in tps:
-        await results.position(tp)
+    results = await tail(settings, settings.results_topic)
     producer = kafka.producer(settings, linger_ms=20)
     await producer.start()
     run_id = uuid.uuid4().hex[:8]
@@ -100,9 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commands", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--probes", type=int, default=50)
+    parser.add_argument("--probes", type=int, default=None,
+                        help="Freshness probes (default: 50 with --rate, none for a burst: their polling costs CPU).")
     parser.add_argument("--rate", type=int, default=0, help="Offered load in commands/s (0: publish at once).")
     args = parser.parse_args()
+    if args.probes is None:
+        args.probes = 50 if args.rate else 0
     with dev_stack(args.workers) as settings:
         asyncio.run(run(settings, args.commands, args.probes, args.rate))
 

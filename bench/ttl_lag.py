@@ -53,8 +53,8 @@ async def run(settings, users: int, lead: float, timeout: float) -> None:
     if not values:
         raise SystemExit("no expiry event received")
     print(f"expiry events received: {len(values)}/{users}; lag expires_at -> received: "
-          f"min {min(values):.3f} s, p50 {percentile(values, 50):.3f} s, p99 {percentile(values, 99):.3f} s, max {max(values):.3f} s "
-          f"(target max <= 2 s)")
+          f"min {min(values):.3f} s, p50 {percentile(values, 50):.3f} s, p99 {percentile(values, 99):.3f} s, "
+          f"max {max(values):.3f} s (target max <= 2 s)")
 
 
 def main() -> None:

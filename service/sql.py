@@ -123,7 +123,7 @@ ROLLOUT_ADD = _fan_out(
     """
     INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
     SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM users u
-    WHERE segment_bucket($6, u.user_id) >= $7 AND segment_bucket($6, u.user_id) < $8
+    WHERE segment_bucket($6, u.user_id) <@ int4range($7, $8)  -- [lower, upper): one hash per user
       AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = u.user_id AND x.segment_id = $1)
     ON CONFLICT DO NOTHING
     RETURNING user_id, expires_at
