@@ -1,5 +1,4 @@
 """Operations: metrics that move, the TTL producer's failover."""
-import asyncio
 import signal
 import subprocess
 import sys

@@ -93,7 +93,7 @@ def test_explicit_remove_excludes_from_the_rollout_until_added_again():
     user = UserState(1000, known=True, memberships={4: Membership("auto_percent", NOW, None)})
     apply(update(remove=["ALL"]), user, segments, [full])
     assert 4 in user.exclusions and 4 not in user.memberships
-    _, out = domain.register_user(user, [full], NOW), None
+    domain.register_user(user, [full], NOW)
     assert 4 not in user.memberships
     apply(update(add=["ALL"]), user, segments, [full])
     assert user.memberships[4].source == "manual" and 4 not in user.exclusions
