@@ -97,12 +97,12 @@ class _Batch:
         for row in await self.conn.fetch(sql.FIND_PROCESSED, ids):
             self.seen[row["command_id"]] = (row["body_hash"], row["result"])
         for d in items:
-            if d.command_id in self.seen or d.command_id in self.run_ids:
-                await self.flush_run()
-                self.answer_duplicate(d)
-            elif d.command is None:
+            if d.command is None:
                 await self.flush_run()
                 self.dead_letter(d)
+            elif d.command_id in self.seen or d.command_id in self.run_ids:
+                await self.flush_run()
+                self.answer_duplicate(d)
             elif isinstance(d.command, USER_COMMANDS):
                 self.run.append(d)
                 self.run_ids.add(d.command_id)
@@ -151,7 +151,9 @@ class _Batch:
         self.report.dead_letters += 1
         log.warning("dead letter", extra={"position": r.position, "command_id": d.command_id,
                                           "error_code": d.error_code, "error": d.error_message})
-        if d.command_id is not None:
+        if d.command_id in self.seen:
+            self.answer_duplicate(d)  # the same id again: its stored result, or a conflict
+        elif d.command_id is not None:
             self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=d.error_message,
                                                        details={"dead_letter": d.error_code}))
 

@@ -60,6 +60,10 @@ async def test_poison_messages_go_to_the_dlq_and_the_partition_goes_on(conn):
     assert results["bad-field"][0]["error"]["code"] == "INVALID_COMMAND"
     assert results["good"][0]["status"] == "applied"
     assert await f.members("A") == {3}
+    # The same bad message again is dead-lettered again, and its stored result published again.
+    await f.apply({"type": "Explode", "command_id": "boom"})
+    assert [h["error.code"] for _, h, _ in await f.outbox("dlq")][-1] == "UNKNOWN_TYPE"
+    assert (await f.results())["boom"] == [results["boom"][0]] * 2
 
 
 async def test_a_batch_is_applied_once_even_when_redelivered(conn):
