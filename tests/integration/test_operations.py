@@ -1,4 +1,5 @@
 """Operations: metrics that move, the TTL producer's failover."""
+import asyncio
 import signal
 import subprocess
 import sys
@@ -95,3 +96,26 @@ async def test_ttl_producer_failover(pg_admin_url, template_db, broker_bootstrap
                     p.terminate()
             for p in producers:
                 p.wait(15)
+
+
+async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, template_db, broker_bootstrap, tmp_path):
+    from tests.pgproxy import PgProxy
+
+    proxy = PgProxy(await new_database(pg_admin_url), tmp_path)
+    await proxy.restore()
+    settings = fast_settings(proxy.url, broker_bootstrap)
+    async with Stack(settings) as stack:
+        await stack.request(CreateSegment(command_id=cid(), slug="OUT"))
+        await proxy.cut()
+        ids = [cid() for _ in range(20)]
+        waiting = [stack.client.expect(i) for i in ids]
+        for n, command_id in enumerate(ids):
+            await stack.client.send(UpdateUserSegments(command_id=command_id, user_id=100 + n, add=["OUT"]))
+        await asyncio.sleep(3)  # the worker retries with backoff meanwhile; nothing can be applied
+        assert not any(w.done() for w in waiting)
+        await proxy.restore()
+        results = await asyncio.wait_for(asyncio.gather(*waiting), 60)
+        assert all(r["status"] == "applied" and r["events"] == 1 for r in results)
+        history = await stack.query("SELECT count(*) AS n FROM membership_history")
+        assert history[0]["n"] == 20  # each applied once
+    assert sample("segmentation_batch_retries_total") > 0
