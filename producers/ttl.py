@@ -29,6 +29,7 @@ NEXT_DUE = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL
 LOOKBACK = timedelta(seconds=60)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 FULL_SCAN_SECONDS = 300
+REPUBLISH_AFTER = timedelta(seconds=10)
 
 
 def expiry_command_id(user_id: int, slug: str, expires_at: datetime) -> str:
@@ -45,7 +46,7 @@ class TtlProducer:
         self.wake = asyncio.Event()
         self.next_due: datetime | None = None
         self.published = 0
-        self.recent: dict[str, datetime] = {}  # command id -> expires_at, published while the lookback holds it
+        self.recent: dict[str, datetime] = {}  # command id -> when the broker acknowledged it
 
     def stop(self) -> None:
         self.stopping.set()
@@ -71,6 +72,7 @@ class TtlProducer:
 
     async def lead(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener("segmentation_ttl", self.on_notify)
+        self.recent.clear()
         cursor = (EPOCH, 0, 0)  # a new leader scans everything still due
         full_scan_at = asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
         while not self.stopping.is_set():
@@ -95,7 +97,7 @@ class TtlProducer:
             rows = await conn.fetch(DUE, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
                 return cursor
-            futures = []
+            futures, sent = [], {}
             for r in rows:
                 command_id = expiry_command_id(r["user_id"], r["slug"], r["expires_at"])
                 if command_id in self.recent:
@@ -104,9 +106,10 @@ class TtlProducer:
                                        expires_at=r["expires_at"], issued_at=now)
                 futures.append(await self.producer.send(
                     self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
-                self.recent[command_id] = r["expires_at"]
+                sent[command_id] = r["expires_at"]
                 metrics.TTL_LAG.set(max(0.0, (datetime.now(timezone.utc) - r["expires_at"]).total_seconds()))
             await asyncio.gather(*futures)
+            self.recent.update({cid: datetime.now(timezone.utc) for cid in sent})  # only what the broker acknowledged
             metrics.TTL_EXPIRIES.inc(len(futures))
             self.published += len(futures)
             if futures:
@@ -117,8 +120,10 @@ class TtlProducer:
                 return cursor
 
     def forget_old(self, now: datetime) -> None:
-        horizon = now - 2 * LOOKBACK
-        for cid in [c for c, exp in self.recent.items() if exp < horizon]:
+        """After REPUBLISH_AFTER, a membership still due (not applied yet, or seen early by a worker whose
+        clock is behind) is published again while the lookback window still covers it."""
+        horizon = now - REPUBLISH_AFTER
+        for cid in [c for c, sent_at in self.recent.items() if sent_at < horizon]:
             del self.recent[cid]
 
 

@@ -3,7 +3,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter
 
-from schemas.common import CommandId, Message, Percent, Slug, UserId, UtcTime
+from schemas.common import CommandId, Description, Message, Percent, Slug, UserId, UtcTime
 
 MAX_SLUGS_PER_COMMAND = 1000
 MAX_USERS_PER_REGISTRATION = 10_000
@@ -19,7 +19,7 @@ class CreateSegment(CommandBase):
 
     type: Literal["CreateSegment"] = "CreateSegment"
     slug: Slug
-    description: str | None = Field(default=None, max_length=1000)
+    description: Description | None = None
     auto_percent: Percent | None = None
 
 
@@ -28,7 +28,7 @@ class UpdateSegment(CommandBase):
 
     type: Literal["UpdateSegment"] = "UpdateSegment"
     slug: Slug
-    description: str | None = Field(default=None, max_length=1000)
+    description: Description | None = None
     auto_percent: Percent | None = None
 
 

@@ -24,7 +24,10 @@ UtcTime = Annotated[
 ]
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN, examples=["AVITO_VOICE_MESSAGES"])]
 UserId = Annotated[int, Field(ge=1, le=MAX_USER_ID, strict=True, examples=[1000])]
-CommandId = Annotated[str, Field(min_length=1, max_length=128, examples=["7f8e2a6c-4d8b-4d8e-9c57-1f0cf6f2b1a1"])]
+# No NUL: PostgreSQL text cannot hold it.
+CommandId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00]+$",
+                                 examples=["7f8e2a6c-4d8b-4d8e-9c57-1f0cf6f2b1a1"])]
+Description = Annotated[str, Field(max_length=1000, pattern=r"^[^\x00]*$")]
 Percent = Annotated[
     Decimal,
     Field(ge=0, le=100, max_digits=5, decimal_places=2, examples=[10, 12.5]),

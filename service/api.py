@@ -97,8 +97,8 @@ async def get_segment(request: web.Request) -> web.Response:
 
 async def get_command(request: web.Request) -> web.Response:
     command_id = request.match_info["command_id"]
-    if not 1 <= len(command_id) <= 128:
-        raise InputError("command_id must have 1 to 128 characters")
+    if not 1 <= len(command_id) <= 128 or "\x00" in command_id:
+        raise InputError("command_id must have 1 to 128 characters, none of them NUL")
     async with request.app[POOL].acquire() as conn:
         result = await views.command_result(conn, command_id)
     if result is None:

@@ -14,7 +14,7 @@ from schemas.commands import USER_COMMANDS, CreateSegment, DeleteSegment, Expire
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
 from service import segment_handlers, sql, user_handlers
 from service.decoding import Decoded, InboundRecord, decode
-from service.domain import CommandRejectedError, Segment
+from service.domain import CommandRejectedError, NotDueYetError, Segment
 from service.unit_of_work import OutboxRow, UnitOfWork, result_row, segment_event
 from service.user_handlers import RunContext
 
@@ -39,6 +39,9 @@ _FATAL = (
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, query canceled
     asyncpg.exceptions.InsufficientResourcesError,
 )
+
+
+DLQ_MAX_BYTES = 900_000
 
 
 def utcnow() -> datetime:
@@ -112,12 +115,16 @@ class _Batch:
         await self.flush_run()
         await self.uow.flush(self.conn)
 
-    def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None) -> None:
+    def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,
+               store: bool = True) -> None:
+        """Publish the command's result; store it under its id unless `store` is False (nothing was decided)."""
         result = CommandResult(
             command_id=d.command_id, type=d.type, status=status, error=error,
             events=events, processed_at=self.uow.now,
         )
-        self.seen[d.command_id] = (d.body_hash, self.uow.record_result(result, d.body_hash))
+        payload = self.uow.record_result(result, d.body_hash if store else None)
+        if store:
+            self.seen[d.command_id] = (d.body_hash, payload)
         self.report.outcomes[(result.type, status)] += 1
         self.report.events += events
         if error is not None:
@@ -147,7 +154,11 @@ class _Batch:
         r = d.record
         headers = {"error.code": d.error_code, "error.message": d.error_message, "source.topic": r.topic,
                    "source.partition": str(r.partition), "source.offset": str(r.offset)}
-        self.uow.record_outbox(OutboxRow("dlq", r.key, r.value or b"", _new_id(), headers))
+        value = r.value
+        if value is not None and len(value) > DLQ_MAX_BYTES:
+            # Larger than any broker would take back with our headers: keep the head, say how long it was.
+            value, headers["error.truncated"] = value[:DLQ_MAX_BYTES], str(len(value))
+        self.uow.record_outbox(OutboxRow("dlq", r.key, value, _new_id(), headers))
         self.report.dead_letters += 1
         log.warning("dead letter", extra={"position": r.position, "command_id": d.command_id,
                                           "error_code": d.error_code, "error": d.error_message})
@@ -215,6 +226,11 @@ class _Batch:
                 events = USER_HANDLERS[type(d.command)](d.command, ctx)
             except CommandRejectedError as exc:
                 self.finish(d, "rejected", error=exc.info)
+            except NotDueYetError:
+                # Not stored: the TTL producer sends the same id again, and then it must count.
+                self.finish(d, "applied", 0, store=False)
+            except (ArithmeticError, ValueError) as exc:  # a rule met values it cannot handle
+                self.refused(d, exc)
             else:
                 self.finish(d, "applied", events)
 

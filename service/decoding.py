@@ -50,9 +50,15 @@ def body_hash(command: Command) -> str:
 def _readable_id(obj: object) -> str | None:
     if isinstance(obj, dict):
         cid = obj.get("command_id")
-        if isinstance(cid, str) and 1 <= len(cid) <= 128:
+        if isinstance(cid, str) and 1 <= len(cid) <= 128 and "\x00" not in cid:
             return cid
     return None
+
+
+def printable(text: str, limit: int = 1000) -> str:
+    """Text safe for a PostgreSQL text/jsonb column and a Kafka header: no NUL, bounded length."""
+    text = text.replace("\x00", "\\u0000")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _summary(err: ValidationError) -> str:
@@ -64,24 +70,30 @@ def _summary(err: ValidationError) -> str:
 
 
 def decode(record: InboundRecord) -> Decoded:
-    """Validate once with the prebuilt adapter; classify what is not a command."""
+    """Validate once with the prebuilt adapter; classify what is not a command. Never raises."""
     raw = record.value or b""
     try:
         return Decoded(record, c := COMMAND_ADAPTER.validate_json(raw), c.command_id, body_hash(c))
     except ValidationError as err:
-        validation_error = err
+        summary = _summary(err)
+    except (RecursionError, ValueError) as err:  # absurdly deep nesting and the like
+        summary = f"{type(err).__name__}: {err}"
     raw_hash = hashlib.sha256(raw).hexdigest()
+
+    def dead(code: str, message: str, command_id: str | None = None, kind: str = "unknown") -> Decoded:
+        return Decoded(record, None, command_id, raw_hash, code, printable(message), kind)
+
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return Decoded(record, None, None, raw_hash, "INVALID_JSON", f"value is not JSON: {exc}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return dead("INVALID_JSON", f"value is not JSON: {str(exc)[:200]}")
     if not isinstance(obj, dict):
-        return Decoded(record, None, None, raw_hash, "NOT_AN_OBJECT", f"value is a JSON {type(obj).__name__}, not an object")
+        return dead("NOT_AN_OBJECT", f"value is a JSON {type(obj).__name__}, not an object")
     cid = _readable_id(obj)
     kind = obj.get("type")
-    if kind not in COMMAND_TYPES:
-        name = kind if isinstance(kind, str) and len(kind) <= 64 else "unknown"
-        return Decoded(record, None, cid, raw_hash, "UNKNOWN_TYPE", f"unknown command type {kind!r}", name)
+    if not isinstance(kind, str) or kind not in COMMAND_TYPES:
+        name = kind if isinstance(kind, str) and len(kind) <= 64 and "\x00" not in kind else "unknown"
+        return dead("UNKNOWN_TYPE", f"unknown command type {printable(repr(kind), 200)}", cid, name)
     if "command_id" not in obj:
-        return Decoded(record, None, None, raw_hash, "MISSING_COMMAND_ID", "command_id is missing", kind)
-    return Decoded(record, None, cid, raw_hash, "INVALID_FIELDS", _summary(validation_error), kind)
+        return dead("MISSING_COMMAND_ID", "command_id is missing", None, kind)
+    return dead("INVALID_FIELDS", summary, cid, kind)

@@ -18,6 +18,13 @@ class CommandRejectedError(Exception):
         self.info = ErrorInfo(code=code, message=message, details=details)
 
 
+class NotDueYetError(Exception):
+    """An ExpireMembership that came before its time (a clock behind the TTL producer's): nothing to do yet."""
+
+
+MAX_TTL_SECONDS = 100 * 366 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class Segment:
     """A live segment as the rules see it."""
@@ -94,13 +101,13 @@ def validate_update(cmd: UpdateUserSegments, now: datetime) -> None:
     both = sorted(set(added) & set(cmd.remove))
     if both:
         raise invalid(f"slugs both in add and remove: {', '.join(both)}", slugs=both)
-    if cmd.ttl_seconds is not None and cmd.ttl_seconds <= 0:
-        raise invalid("ttl_seconds must be positive")
+    if cmd.ttl_seconds is not None and not 0 < cmd.ttl_seconds <= MAX_TTL_SECONDS:
+        raise invalid(f"ttl_seconds must be from 1 to {MAX_TTL_SECONDS}")
     for a in adds:
         if a.expires_at is not None and a.ttl_seconds is not None:
             raise invalid(f"{a.slug}: give either expires_at or ttl_seconds, not both", slugs=[a.slug])
-        if a.ttl_seconds is not None and a.ttl_seconds <= 0:
-            raise invalid(f"{a.slug}: ttl_seconds must be positive", slugs=[a.slug])
+        if a.ttl_seconds is not None and not 0 < a.ttl_seconds <= MAX_TTL_SECONDS:
+            raise invalid(f"{a.slug}: ttl_seconds must be from 1 to {MAX_TTL_SECONDS}", slugs=[a.slug])
         if a.expires_at is not None and a.expires_at <= now:
             raise invalid(f"{a.slug}: expires_at is in the past", slugs=[a.slug])
 
@@ -174,8 +181,10 @@ def expire_membership(cmd: ExpireMembership, user: UserState, segment: Segment |
     if segment is None:
         return out
     m = user.memberships.get(segment.id)
-    if m is None or m.expires_at != cmd.expires_at or not m.expired(now):
+    if m is None or m.expires_at != cmd.expires_at:
         return out
+    if not m.expired(now):
+        raise NotDueYetError(cmd.command_id)
     _drop_if_expired(user, segment, now, out)
     if segment.id not in user.exclusions and segment.rolls_out_to(user.user_id):
         # Still inside the segment's rollout: the user stays, now as a rollout member.

@@ -40,7 +40,11 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, uow: Unit
     now, percent = uow.now, cmd.auto_percent or Decimal(0)
     segment_id = await conn.fetchval(sql.NEXT_SEGMENT_ID)
     salt = segment_salt(cmd.slug, segment_id)
-    await conn.execute(sql.INSERT_SEGMENT, segment_id, cmd.slug, cmd.description, percent, salt, now)
+    try:
+        await conn.execute(sql.INSERT_SEGMENT, segment_id, cmd.slug, cmd.description, percent, salt, now)
+    except asyncpg.UniqueViolationError:  # created meanwhile by a command keyed to another partition
+        raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}",
+                                   {"slugs": [cmd.slug]}) from None
     event = _segment_changed("created", cmd.slug, cmd.description, percent, now, cmd.command_id)
     if percent == 0:
         return 0, event

@@ -91,27 +91,35 @@ NOTIFY_OUTBOX = "SELECT pg_notify('segmentation_outbox', '')"
 NOTIFY_TTL = "SELECT pg_notify('segmentation_ttl', $1)"
 
 # --- set-based fan-outs -------------------------------------------------------------------------------
-# $1 segment id, $2 slug, $3 occurred_at (timestamptz), $4 occurred_at as RFC 3339 text, $5 command id.
-_MEMBERSHIP_EVENT = """
-convert_to(json_build_object(
-    'event_id', event_id, 'type', 'MembershipChanged', 'change', '{change}', 'user_id', user_id,
-    'slug', $2::text, 'reason', '{reason}', 'expires_at', {expires_at}, 'occurred_at', $4::text,
-    'command_id', $5::text)::text, 'UTF8')
-"""
+# One statement each: the membership change, its history rows and its outbox rows.
+# $1 segment id, $2 slug, $3 now (timestamptz), $4 now as RFC 3339 text, $5 command id.
+_RFC3339 = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+_EXPIRED = "(expires_at IS NOT NULL AND expires_at <= $3)"
 
 
-def _fan_out(changed_cte: str, change: str, reason: str, expires_at: str) -> str:
-    event = _MEMBERSHIP_EVENT.format(change=change, reason=reason, expires_at=expires_at)
+def _fan_out(changed_cte: str, change: str, reason: str, occurred: str = "$3::timestamptz",
+             occurred_text: str = "$4::text", expires_text: str = "NULL") -> str:
+    """`changed_cte` returns (user_id, expires_at); `reason` and `occurred` are SQL over those columns."""
     return f"""
 WITH changed AS ({changed_cte}),
+rows AS (
+    SELECT user_id, expires_at, {reason} AS reason, {occurred} AS occurred_at, {occurred_text} AS occurred_text,
+           {expires_text} AS expires_text, gen_random_uuid()::text AS event_id
+    FROM changed
+),
 history AS (
     INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason, command_id)
-    SELECT user_id, $2, $1, '{change}', $3, '{reason}', $5 FROM changed
+    SELECT user_id, $2, $1, '{change}', occurred_at, reason, $5 FROM rows
 ),
-events AS (SELECT user_id, expires_at, gen_random_uuid()::text AS event_id FROM changed),
 published AS (
     INSERT INTO outbox (kind, key, payload, event_id)
-    SELECT 'membership', convert_to(user_id::text, 'UTF8'), {event}, event_id FROM events ORDER BY user_id
+    SELECT 'membership', convert_to(user_id::text, 'UTF8'),
+           convert_to(json_build_object(
+               'event_id', event_id, 'type', 'MembershipChanged', 'change', '{change}', 'user_id', user_id,
+               'slug', $2::text, 'reason', reason, 'expires_at', expires_text, 'occurred_at', occurred_text,
+               'command_id', $5::text)::text, 'UTF8'),
+           event_id
+    FROM rows ORDER BY user_id
     RETURNING 1
 )
 SELECT count(*) FROM published
@@ -128,7 +136,7 @@ ROLLOUT_ADD = _fan_out(
     ON CONFLICT DO NOTHING
     RETURNING user_id, expires_at
     """,
-    "added", "auto_percent", "NULL",
+    "added", "'auto_percent'",
 )
 # $6 salt, $7 new bucket line: rollout members at or above it leave; explicit members never do.
 ROLLOUT_REMOVE = _fan_out(
@@ -137,10 +145,14 @@ ROLLOUT_REMOVE = _fan_out(
     WHERE segment_id = $1 AND source = 'auto_percent' AND segment_bucket($6, user_id) >= $7
     RETURNING user_id, expires_at
     """,
-    "removed", "auto_percent", "NULL",
+    "removed", "'auto_percent'",
 )
+# A membership already expired (its ExpireMembership not applied yet) leaves as an expiry, at its own time.
 SEGMENT_DELETE_MEMBERS = _fan_out(
     "DELETE FROM memberships WHERE segment_id = $1 RETURNING user_id, expires_at",
-    "removed", "segment_deleted",
-    "to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    "removed",
+    reason=f"CASE WHEN {_EXPIRED} THEN 'expired' ELSE 'segment_deleted' END",
+    occurred=f"CASE WHEN {_EXPIRED} THEN expires_at ELSE $3::timestamptz END",
+    occurred_text=f"CASE WHEN {_EXPIRED} THEN {_RFC3339.format('expires_at')} ELSE $4::text END",
+    expires_text=_RFC3339.format("expires_at"),
 )

@@ -1,6 +1,7 @@
 """The read side: plain SQL on the tables, no unit of work. Expired memberships are filtered in the query."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 import asyncpg
@@ -34,13 +35,12 @@ SEGMENTS = _SEGMENT_COLUMNS + "WHERE $1 OR s.deleted_at IS NULL ORDER BY s.slug,
 SEGMENT = _SEGMENT_COLUMNS + "WHERE s.slug = $1 ORDER BY s.deleted_at IS NULL DESC, s.id DESC LIMIT 1"
 COMMAND_RESULT = "SELECT result::text FROM processed_commands WHERE command_id = $1"
 # One UTC month, oldest first, already formatted as CSV lines by COPY.
+# $1, $2: the month's bounds in UTC, computed in Python (month arithmetic in SQL follows the session time zone).
 HISTORY_CSV = """
 SELECT user_id, slug, operation,
        to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), reason
 FROM membership_history
-WHERE occurred_at >= make_timestamptz({year}, {month}, 1, 0, 0, 0, 'UTC')
-  AND occurred_at < make_timestamptz({year}, {month}, 1, 0, 0, 0, 'UTC') + interval '1 month'
-  {user_filter}
+WHERE occurred_at >= $1 AND occurred_at < $2 {user_filter}
 ORDER BY occurred_at, id
 """
 HISTORY_HEADER = b"user_id;segment;operation;timestamp;reason\n"
@@ -65,8 +65,10 @@ async def command_result(conn: asyncpg.Connection, command_id: str) -> str | Non
 
 async def stream_history_csv(conn: asyncpg.Connection, year: int, month: int, user_id: int | None,
                              write: Callable[[bytes], Awaitable[None]]) -> None:
-    """Stream the month's CSV through COPY: constant memory whatever the size. Year, month, user are ints."""
-    query = HISTORY_CSV.format(year=int(year), month=int(month),
-                               user_filter=f"AND user_id = {int(user_id)}" if user_id is not None else "")
+    """Stream the month's CSV through COPY: constant memory whatever the size."""
+    start = datetime(year, month, 1, tzinfo=timezone.utc)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    args: tuple = (start, end) if user_id is None else (start, end, user_id)
+    query = HISTORY_CSV.format(user_filter="" if user_id is None else "AND user_id = $3")
     await write(HISTORY_HEADER)
-    await conn.copy_from_query(query, output=write, format="csv", delimiter=";")
+    await conn.copy_from_query(query, *args, output=write, format="csv", delimiter=";")

@@ -79,7 +79,7 @@ CREATE TABLE outbox (
     seq          bigserial PRIMARY KEY,
     kind         text        NOT NULL CHECK (kind IN ('membership', 'segment', 'result', 'dlq')),
     key          bytea,
-    payload      bytea       NOT NULL,
+    payload      bytea,  -- NULL: a dead-lettered tombstone
     event_id     text        NOT NULL,
     headers      jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),

@@ -57,8 +57,9 @@ def test_default_ttl_and_per_slug_expiry():
     (dict(add=["A"], remove=["A"]), "both in add and remove"),
     (dict(add=[{"slug": "A", "expires_at": "2020-01-01T00:00:00Z"}]), "in the past"),
     (dict(add=[{"slug": "A", "expires_at": "2030-01-01T00:00:00Z", "ttl_seconds": 5}]), "not both"),
-    (dict(add=[{"slug": "A", "ttl_seconds": 0}]), "positive"),
-    (dict(add=["A"], ttl_seconds=-1), "positive"),
+    (dict(add=[{"slug": "A", "ttl_seconds": 0}]), "ttl_seconds must be from 1"),
+    (dict(add=["A"], ttl_seconds=-1), "ttl_seconds must be from 1"),
+    (dict(add=["A"], ttl_seconds=10**12), "ttl_seconds must be from 1"),
     (dict(add=[f"S{i}" for i in range(1001)]), "at most 1000"),
     (dict(add=["A", "A"]), "twice"),
 ])
@@ -113,7 +114,9 @@ def test_expire_membership_only_when_still_due_with_that_expiry():
     moved = UserState(1000, True, {1: Membership("manual", NOW, at + timedelta(hours=1))})
     assert domain.expire_membership(cmd, moved, A, NOW).changes == []
     not_yet = UserState(1000, True, {1: Membership("manual", NOW, at)})
-    assert domain.expire_membership(cmd, not_yet, A, at - timedelta(seconds=1)).changes == []
+    with pytest.raises(domain.NotDueYetError):
+        domain.expire_membership(cmd, not_yet, A, at - timedelta(seconds=1))
+    assert 1 in not_yet.memberships
     due = UserState(1000, True, {1: Membership("manual", NOW, at)})
     out = domain.expire_membership(cmd, due, A, NOW)
     assert [(c.change, c.reason, c.occurred_at) for c in out.changes] == [("removed", "expired", at)]
