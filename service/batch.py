@@ -10,7 +10,7 @@ from typing import Callable
 
 import asyncpg
 
-from schemas.commands import USER_COMMANDS, CreateSegment, DeleteSegment, ExpireMembership, RegisterUsers, UpdateSegment, UpdateUserSegments
+from schemas.commands import SEGMENT_COMMANDS, USER_COMMANDS, CreateSegment, DeleteSegment, ExpireMembership, RegisterUsers, UpdateSegment, UpdateUserSegments
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
 from service import segment_handlers, sql, user_handlers
 from service.decoding import Decoded, InboundRecord, decode
@@ -69,21 +69,41 @@ class BatchProcessor:
         report = BatchReport()
         if not records:
             return report
-        topic = records[0].topic
-        partitions = sorted({r.partition for r in records})
+        for part in _transactions([decode(r) for r in records]):
+            await self._apply_in_transaction(conn, part, report)
+        return report
+
+    async def _apply_in_transaction(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport) -> None:
+        topic = items[0].record.topic
+        partitions = sorted({d.record.partition for d in items})
         async with conn.transaction():
             await conn.execute(sql.ENSURE_OFFSETS, self.group, topic, partitions)
             stored = dict(await conn.fetch(sql.LOCK_OFFSETS, self.group, topic, partitions))
-            fresh = [r for r in records if r.offset >= stored[r.partition]]
-            report.skipped = len(records) - len(fresh)
+            fresh = [d for d in items if d.record.offset >= stored[d.record.partition]]
+            report.skipped += len(items) - len(fresh)
             if fresh:
-                await _Batch(conn, UnitOfWork(self.clock()), report).apply([decode(r) for r in fresh])
+                await _Batch(conn, UnitOfWork(self.clock()), report).apply(fresh)
                 last: dict[int, int] = {}
-                for r in fresh:
-                    last[r.partition] = max(last.get(r.partition, -1), r.offset + 1)
+                for d in fresh:
+                    last[d.record.partition] = max(last.get(d.record.partition, -1), d.record.offset + 1)
                 await conn.execute(sql.STORE_OFFSETS, self.group, topic, list(last), list(last.values()))
                 await conn.execute(sql.NOTIFY_OUTBOX)
-        return report
+
+
+def _transactions(items: list[Decoded]) -> list[list[Decoded]]:
+    """Split a batch so that every segment command has a transaction of its own.
+
+    A run of user commands share-locks segments; a segment command locks one for update. In one transaction
+    that upgrade can deadlock with another worker's batch doing the same the other way round, and a
+    fan-out would hold every lock of the batch for its whole duration.
+    """
+    parts: list[list[Decoded]] = [[]]
+    for d in items:
+        if isinstance(d.command, SEGMENT_COMMANDS):
+            parts += [[d], []]
+        else:
+            parts[-1].append(d)
+    return [p for p in parts if p]
 
 
 class _Batch:
@@ -213,11 +233,14 @@ class _Batch:
                 await self.flush_run()
 
     async def load_run(self, run: list[Decoded]) -> RunContext:
+        """Lock in a fixed order: users (rows), the rollout lock if some are new, then segments (id order)."""
+        new = await self.uow.load_users(self.conn, {u for d in run for u in user_handlers.users_of(d.command)})
+        if new:
+            await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, sql.ROLLOUT_LOCK)
         slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
-        rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs)
+        rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new))
         segments = {r["slug"]: Segment(r["id"], r["slug"], r["salt"], r["auto_percent"]) for r in rows}
         rollouts = [s for s in segments.values() if s.auto_percent > 0]
-        await self.uow.load_users(self.conn, {u for d in run for u in user_handlers.users_of(d.command)})
         return RunContext(self.uow, segments, rollouts)
 
     def apply_run_rules(self, run: list[Decoded], ctx: RunContext) -> None:

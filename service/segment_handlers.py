@@ -34,7 +34,14 @@ async def _locked(conn: asyncpg.Connection, slug: str) -> asyncpg.Record:
     return row
 
 
+async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
+    """Before any segment lock: wait for registrations in flight, hold new ones off (see sql.ROLLOUT_LOCK)."""
+    if percent:
+        await conn.execute(sql.LOCK_ROLLOUT_EXCLUSIVE, sql.ROLLOUT_LOCK)
+
+
 async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, uow: UnitOfWork) -> tuple[int, SegmentChanged]:
+    await _starting_a_rollout(conn, cmd.auto_percent)
     if await conn.fetchrow(sql.LOCK_SEGMENT_FOR_UPDATE, cmd.slug) is not None:
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}", {"slugs": [cmd.slug]})
     now, percent = uow.now, cmd.auto_percent or Decimal(0)
@@ -54,6 +61,7 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, uow: Unit
 
 
 async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, uow: UnitOfWork) -> tuple[int, SegmentChanged]:
+    await _starting_a_rollout(conn, cmd.auto_percent)
     row = await _locked(conn, cmd.slug)
     now = uow.now
     description = row["description"] if cmd.description is None else cmd.description

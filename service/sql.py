@@ -32,12 +32,19 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::timest
 """
 
 # --- segments -----------------------------------------------------------------------------------------
-# Locked in id order (no deadlocks); FOR SHARE to assign users, FOR UPDATE to delete or change a segment.
+# FOR SHARE to assign users (in id order), FOR UPDATE to delete or change a segment. A run locks the segments
+# it names; a run that registers users also locks every rolled-out segment (they join those rollouts).
 LOCK_SEGMENTS_FOR_SHARE = """
 SELECT id, slug, salt, auto_percent FROM segments
-WHERE deleted_at IS NULL AND (slug = ANY($1::text[]) OR auto_percent > 0)
+WHERE deleted_at IS NULL AND (slug = ANY($1::text[]) OR ($2 AND auto_percent > 0))
 ORDER BY id FOR SHARE
 """
+# Registering users vs. starting a rollout: a segment that is new, or goes from 0 % to more, is invisible to a
+# concurrent registration, and the registration's user invisible to the fan-out. Registrations take this lock
+# shared, such fan-outs exclusive, before any segment lock.
+ROLLOUT_LOCK = 7_361_004
+LOCK_ROLLOUT_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
+LOCK_ROLLOUT_EXCLUSIVE = "SELECT pg_advisory_xact_lock($1)"
 LOCK_SEGMENT_FOR_UPDATE = """
 SELECT id, slug, salt, auto_percent, description FROM segments
 WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE
@@ -56,15 +63,22 @@ MARK_SEGMENT_DELETED = "UPDATE segments SET deleted_at = $2, updated_at = $2 WHE
 DELETE_SEGMENT_EXCLUSIONS = "DELETE FROM exclusions WHERE segment_id = $1"
 
 # --- user state ---------------------------------------------------------------------------------------
-KNOWN_USERS = "SELECT user_id FROM users WHERE user_id = ANY($1::bigint[])"
+# A user's row lock serializes commands about one user that arrive on different partitions (RegisterUsers is
+# keyed by its first user). Row locks, not advisory locks: a 10 000-user registration would exhaust the lock table.
+LOCK_KNOWN_USERS = """
+SELECT user_id FROM users WHERE user_id = ANY($1::bigint[]) ORDER BY user_id FOR UPDATE
+"""
+# Users seen for the first time are inserted at once (their uncommitted row is the lock); those the batch does
+# not register in the end (every command of theirs rejected) are deleted again before commit.
+INSERT_NEW_USERS = """
+INSERT INTO users (user_id, registered_at) SELECT u, $2 FROM unnest($1::bigint[]) AS u ORDER BY u
+ON CONFLICT DO NOTHING RETURNING user_id
+"""
+DELETE_USERS = "DELETE FROM users WHERE user_id = ANY($1::bigint[])"
 USER_MEMBERSHIPS = """
 SELECT user_id, segment_id, source, added_at, expires_at FROM memberships WHERE user_id = ANY($1::bigint[])
 """
 USER_EXCLUSIONS = "SELECT user_id, segment_id FROM exclusions WHERE user_id = ANY($1::bigint[])"
-INSERT_USERS = """
-INSERT INTO users (user_id, registered_at) SELECT * FROM unnest($1::bigint[], $2::timestamptz[])
-ON CONFLICT DO NOTHING
-"""
 DELETE_MEMBERSHIPS = """
 DELETE FROM memberships m USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
 WHERE m.user_id = d.user_id AND m.segment_id = d.segment_id

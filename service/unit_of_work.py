@@ -55,18 +55,27 @@ class UnitOfWork:
     now: datetime
     users: dict[int, UserState] = field(default_factory=dict)
     before: dict[int, tuple[dict[int, Membership], set[int]]] = field(default_factory=dict)
-    new_users: list[int] = field(default_factory=list)
+    registered: set[int] = field(default_factory=set)  # users the rules made known
+    tentative: set[int] = field(default_factory=set)  # users inserted when loaded (their row is their lock)
     history: list[tuple] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
     processed: list[tuple] = field(default_factory=list)
     earliest_expiry: datetime | None = None
 
-    async def load_users(self, conn: asyncpg.Connection, user_ids: set[int]) -> None:
-        """Read the state of users not loaded yet (memberships, exclusions, known or not)."""
-        ids = [u for u in user_ids if u not in self.users]
+    async def load_users(self, conn: asyncpg.Connection, user_ids: set[int]) -> set[int]:
+        """Lock and read the users not loaded yet; returns those seen for the first time."""
+        ids = sorted(u for u in user_ids if u not in self.users)
         if not ids:
-            return
-        known = {r["user_id"] for r in await conn.fetch(sql.KNOWN_USERS, ids)}
+            return set()
+        known = {r["user_id"] for r in await conn.fetch(sql.LOCK_KNOWN_USERS, ids)}
+        fresh = [u for u in ids if u not in known]
+        new: set[int] = set()
+        if fresh:
+            new = {r["user_id"] for r in await conn.fetch(sql.INSERT_NEW_USERS, fresh, self.now)}
+            raced = [u for u in fresh if u not in new]  # registered meanwhile through another partition
+            if raced:
+                known |= {r["user_id"] for r in await conn.fetch(sql.LOCK_KNOWN_USERS, raced)}
+            self.tentative |= new
         for u in ids:
             self.users[u] = UserState(u, known=u in known)
         for r in await conn.fetch(sql.USER_MEMBERSHIPS, ids):
@@ -78,6 +87,7 @@ class UnitOfWork:
         for u in ids:
             state = self.users[u]
             self.before[u] = (dict(state.memberships), set(state.exclusions))
+        return new
 
     def record_changes(self, changes: list[Change], command_id: str | None) -> None:
         for c in changes:
@@ -102,8 +112,8 @@ class UnitOfWork:
 
     async def flush(self, conn: asyncpg.Connection) -> None:
         """Write users, memberships, exclusions, history, outbox and inbox rows; then forget the state."""
-        if self.new_users:
-            await conn.execute(sql.INSERT_USERS, self.new_users, [self.now] * len(self.new_users))
+        if unregistered := self.tentative - self.registered:  # every command of theirs was rejected
+            await conn.execute(sql.DELETE_USERS, sorted(unregistered))
         await self._write_state(conn)
         if self.history:
             await conn.copy_records_to_table("membership_history", records=self.history, columns=sql.HISTORY_COLUMNS)
@@ -121,7 +131,8 @@ class UnitOfWork:
         """Drop loaded state and pending writes (after a flush, or after a rollback)."""
         self.users.clear()
         self.before.clear()
-        self.new_users.clear()
+        self.registered.clear()
+        self.tentative.clear()
         self.history.clear()
         self.outbox.clear()
         self.processed.clear()

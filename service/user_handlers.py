@@ -19,7 +19,7 @@ class RunContext:
 
     def record(self, outcome: Outcome, user_id: int, command_id: str) -> int:
         if outcome.registered:
-            self.uow.new_users.append(user_id)
+            self.uow.registered.add(user_id)
         self.uow.record_changes(outcome.changes, command_id)
         return len(outcome.changes)
 

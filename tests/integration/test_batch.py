@@ -1,6 +1,10 @@
 """The write path against a real PostgreSQL: rules, idempotency, dead letters, fan-outs, history."""
 from datetime import timedelta
 
+import pytest
+
+from service.decoding import InboundRecord
+
 from tests.integration.batch_helpers import Feeder, create, update_user
 
 
@@ -141,3 +145,62 @@ async def test_sql_bucket_matches_the_documented_formula(conn):
 
     for salt, user in [("A:1", 1), ("AVITO_DISCOUNT_30:17", 1000), ("x", 2**63 - 1)]:
         assert await conn.fetchval("SELECT segment_bucket($1, $2)", salt, user) == bucket(salt, user)
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b'{"type": ["UpdateUserSegments"], "command_id": "c1"}', "UNKNOWN_TYPE"),
+    (b'{"type": {}, "command_id": "c2"}', "UNKNOWN_TYPE"),
+    (b"[" * 100_000 + b"]" * 100_000, "INVALID_JSON"),
+    ('{"type": "CreateSegment", "command_id": "bad\\u0000id", "slug": "A"}'.encode(), "INVALID_FIELDS"),
+    ('{"type": "CreateSegment", "command_id": "ok", "slug": "A", "\\u0000": 1}'.encode(), "INVALID_FIELDS"),
+    ('{"type": "Nope\\u0000", "command_id": "ok-id"}'.encode(), "UNKNOWN_TYPE"),
+])
+async def test_hostile_messages_are_dead_letters_not_crashes(conn, raw, code):
+    f = Feeder(conn)
+    await f.apply(raw, create("AFTER"))
+    assert [h["error.code"] for _, h, _ in await f.outbox("dlq")] == [code]
+    assert (await f.result("create-AFTER"))["status"] == "applied"
+
+
+async def test_an_expiry_seen_before_its_time_still_counts_when_sent_again(conn):
+    from producers.ttl import expiry_command_id
+
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 60}]))
+    expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
+    cmd = {"type": "ExpireMembership", "command_id": expiry_command_id(1, "A", expires_at),
+           "user_id": 1, "slug": "A", "expires_at": expires_at.isoformat()}
+    f.now = expires_at - timedelta(milliseconds=20)  # this worker's clock is behind the TTL producer's
+    await f.apply(cmd)
+    assert await f.members("A") == {1}
+    f.now = expires_at + timedelta(seconds=10)  # the TTL producer publishes the same command again
+    await f.apply(cmd)
+    assert await f.members("A") == set()
+
+
+async def test_deleting_a_segment_reports_an_already_expired_membership_as_an_expiry(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 60}]), update_user("u2", 2, add=["A"]))
+    expires_at = await conn.fetchval("SELECT expires_at FROM memberships WHERE user_id = 1")
+    f.now = expires_at + timedelta(seconds=30)  # expired; its ExpireMembership not applied yet
+    await f.apply({"type": "DeleteSegment", "command_id": "del", "slug": "A"})
+    rows = await conn.fetch("SELECT user_id, occurred_at, reason FROM membership_history "
+                            "WHERE operation = 'removed' ORDER BY user_id")
+    assert [tuple(r) for r in rows] == [(1, expires_at, "expired"), (2, f.now, "segment_deleted")]
+    events = {e["user_id"]: e for e in await f.outbox("membership") if e["change"] == "removed"}
+    assert events[1]["reason"] == "expired" and events[1]["occurred_at"] == expires_at.isoformat().replace("+00:00", "Z")
+    assert events[2]["reason"] == "segment_deleted"
+
+
+async def test_an_oversized_dead_letter_is_truncated_and_says_so(conn):
+    f = Feeder(conn)
+    await f.apply(b"x" * 2_000_000)
+    payload, headers, _ = (await f.outbox("dlq"))[0]
+    assert len(payload) == 900_000 and headers["error.truncated"] == "2000000"
+
+
+async def test_a_dead_lettered_tombstone_stays_a_tombstone(conn):
+    f = Feeder(conn)
+    await f.processor.process(conn, [InboundRecord("commands", 0, 0, b"k", None)])
+    payload, headers, key = (await f.outbox("dlq"))[0]
+    assert payload is None and headers["error.code"] == "INVALID_JSON" and bytes(key) == b"k"

@@ -119,3 +119,42 @@ async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, templ
         history = await stack.query("SELECT count(*) AS n FROM membership_history")
         assert history[0]["n"] == 20  # each applied once
     assert sample("segmentation_batch_retries_total") > 0
+
+
+class _FlakyProducer:
+    """Fails every send until `fail` is cleared."""
+
+    def __init__(self):
+        self.fail, self.sent = True, []
+
+    async def send(self, topic, value=None, key=None):
+        from aiokafka.errors import KafkaTimeoutError
+
+        fut = asyncio.get_running_loop().create_future()
+        if self.fail:
+            fut.set_exception(KafkaTimeoutError())
+        else:
+            self.sent.append(value)
+            fut.set_result(None)
+        return fut
+
+
+async def test_an_expiry_the_broker_did_not_take_is_sent_again(conn, database_url):
+    from aiokafka.errors import KafkaTimeoutError
+
+    from producers.ttl import EPOCH, TtlProducer
+    from service.settings import Settings
+    from tests.integration.batch_helpers import Feeder, create, update_user
+
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 1}]))
+    expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
+    ttl = TtlProducer(Settings(database_url=database_url), producer=_FlakyProducer())
+    now = expires_at + timedelta(seconds=1)
+    try:
+        await ttl.publish_due(conn, now, (EPOCH, 0, 0))
+    except KafkaTimeoutError:
+        pass  # the leader loop starts over
+    ttl.producer.fail = False
+    await ttl.publish_due(conn, now, (EPOCH, 0, 0))
+    assert len(ttl.producer.sent) == 1

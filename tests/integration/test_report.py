@@ -62,3 +62,20 @@ async def test_an_empty_month_is_just_the_header(http):
 async def test_the_link_points_at_the_csv(http):
     resp = await http.get("/api/v1/reports/history?year=2026&month=11&user_id=7")
     assert await resp.json() == {"url": "http://reports/api/v1/reports/history.csv?year=2026&month=11&user_id=7"}
+
+
+async def test_the_month_is_the_utc_month_whatever_the_servers_time_zone(conn):
+    from service import views
+
+    await conn.execute("SET TimeZone = 'America/New_York'")
+    await conn.execute(
+        "INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason) VALUES "
+        "(1, 'A', 1, 'added', '2026-05-31T12:00:00Z', 'command'), (1, 'A', 1, 'removed', '2026-06-01T00:00:00Z', 'command')")
+    chunks: list[bytes] = []
+
+    async def write(b):
+        chunks.append(bytes(b))
+
+    await views.stream_history_csv(conn, 2026, 5, None, write)
+    lines = b"".join(chunks).decode().splitlines()
+    assert lines[1:] == ["1;A;added;2026-05-31T12:00:00.000000Z;command"]

@@ -126,7 +126,7 @@ async def test_http_errors(http):
     for path in ("/api/v1/users/abc/segments", "/api/v1/users/0/segments", "/api/v1/users/99999999999999999999/segments",
                  "/api/v1/segments/bad%20slug", "/api/v1/segments?include_deleted=maybe",
                  "/api/v1/reports/history?year=2026&month=13", "/api/v1/reports/history.csv?year=x&month=1",
-                 "/api/v1/reports/history.csv?month=1"):
+                 "/api/v1/reports/history.csv?month=1", "/api/v1/commands/x%00y"):
         resp = await http.get(path)
         assert resp.status == 400, path
         body = await resp.json()

@@ -1,0 +1,91 @@
+"""Two workers at once: commands about one user on different partitions, rollouts against registrations,
+segment commands against user commands. Each test holds one transaction open to make the race certain."""
+import asyncio
+
+import asyncpg
+import pytest
+
+from service import batch as batch_module, views
+from tests.integration.batch_helpers import Feeder, create, update_user
+
+
+@pytest.fixture
+async def conn2(database_url):
+    c = await asyncpg.connect(database_url)
+    yield c
+    await c.close()
+
+
+@pytest.mark.parametrize("first", [
+    update_user("own", 42, add=[{"slug": "R", "ttl_seconds": 60}]),
+    update_user("own", 42, remove=["R"]),
+])
+async def test_a_registration_on_another_partition_waits_for_the_users_own_command(conn, conn2, first):
+    await Feeder(conn).apply(create("R", percent=100), partition=9)
+    open_batch = conn.transaction()
+    await open_batch.start()
+    await Feeder(conn).apply(first, partition=0)  # user 42's first command, not committed yet
+    other = asyncio.create_task(Feeder(conn2).apply(
+        {"type": "RegisterUsers", "command_id": "reg", "user_ids": [7, 42]}, partition=1))  # keyed "7"
+    await asyncio.sleep(0.5)
+    assert not other.done()  # it waits for user 42's row
+    await open_batch.commit()
+    await other
+    rows = await conn.fetch("SELECT source, expires_at FROM memberships WHERE user_id = 42")
+    if first["remove"]:
+        assert rows == []  # the explicit removal holds
+    else:
+        assert [(r["source"], r["expires_at"] is not None) for r in rows] == [("manual", True)]
+
+
+async def test_a_user_first_seen_during_a_rollout_fan_out_joins_it(conn, conn2):
+    fan_out = conn.transaction()
+    await fan_out.start()
+    await Feeder(conn).apply(create("R", percent=100), partition=0)  # a long fan-out, not committed yet
+    first_seen = asyncio.create_task(Feeder(conn2).apply(update_user("first", 42), partition=1))
+    await asyncio.sleep(0.5)
+    assert not first_seen.done()  # registrations wait for the fan-out
+    await fan_out.commit()
+    await first_seen
+    f = Feeder(conn)
+    assert [r["slug"] for r in await views.user_segments(conn, 42)] == ["R"]
+    assert 42 in await f.members("R")
+    assert await f.events(42) == [("added", 42, "R", "auto_percent")]
+
+
+async def test_a_known_users_command_does_not_wait_for_an_unrelated_rollout_change(conn, conn2):
+    await Feeder(conn).apply(create("S", percent=10), create("B"), update_user("known", 5), partition=9)
+    fan_out = conn.transaction()
+    await fan_out.start()
+    await Feeder(conn).apply({"type": "UpdateSegment", "command_id": "up", "slug": "S", "auto_percent": 20},
+                             partition=0)
+    try:
+        await asyncio.wait_for(Feeder(conn2).apply(update_user("b", 5, add=["B"]), partition=1), 2)
+    finally:
+        await fan_out.rollback()
+
+
+async def test_segment_commands_in_two_batches_do_not_deadlock(conn, conn2, monkeypatch):
+    await Feeder(conn).apply(create("S", percent=10), create("R", percent=10), partition=9)
+    both_ran_their_user_commands = asyncio.Barrier(2)
+    original = batch_module._Batch.apply_segment_command
+
+    async def paused(self, d):
+        await asyncio.wait_for(both_ran_their_user_commands.wait(), 10)
+        return await original(self, d)
+
+    monkeypatch.setattr(batch_module._Batch, "apply_segment_command", paused)
+    results = await asyncio.gather(
+        Feeder(conn).apply(update_user("a", 1), {"type": "UpdateSegment", "command_id": "us", "slug": "S",
+                                                  "description": "s"}, partition=0),
+        Feeder(conn2).apply(update_user("b", 2), {"type": "UpdateSegment", "command_id": "ur", "slug": "R",
+                                                   "description": "r"}, partition=1),
+        return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+
+
+async def test_a_user_whose_commands_are_all_rejected_stays_unknown(conn):
+    f = Feeder(conn)
+    await f.apply(update_user("nope", 9, add=["MISSING"]))
+    assert (await f.result("nope"))["error"]["code"] == "SEGMENT_NOT_FOUND"
+    assert await conn.fetchval("SELECT count(*) FROM users WHERE user_id = 9") == 0
