@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import uuid
 from decimal import Decimal
@@ -105,6 +106,7 @@ def dev(workers: int = typer.Option(1, min=1, help="Worker processes to start.")
     """Everything on one machine: embedded PostgreSQL and broker, topics, migrations, all processes."""
     from service import dev as dev_stack
 
+    os.environ.setdefault("LOG_FORMAT", "text")  # a person reads these logs; the processes inherit it
     _settings()
     raise typer.Exit(dev_stack.run(workers))
 
