@@ -9,7 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from schemas.common import format_time
-from schemas.events import MembershipChanged, SegmentChanged
+from schemas.events import SegmentChanged
 from schemas.results import CommandResult
 from service import sql
 from service.domain import Change, Membership, UserState
@@ -28,12 +28,16 @@ class OutboxRow:
 
 
 def membership_event(change: Change, command_id: str | None) -> OutboxRow:
-    # Built from validated state, so construction skips validation (it is on the hot path).
-    event = MembershipChanged.model_construct(
-        event_id=str(uuid.uuid4()), change=change.change, user_id=change.user_id, slug=change.segment.slug,
-        reason=change.reason, expires_at=change.expires_at, occurred_at=change.occurred_at, command_id=command_id,
-    )
-    return OutboxRow("membership", str(change.user_id).encode(), event.model_dump_json().encode(), event.event_id)
+    """A MembershipChanged event. Written out by hand (same fields, same order as the model): this is the
+    hottest line of the worker, and the values come from validated state."""
+    event_id = str(uuid.uuid4())
+    payload = json.dumps({
+        "event_id": event_id, "type": "MembershipChanged", "change": change.change, "user_id": change.user_id,
+        "slug": change.segment.slug, "reason": change.reason,
+        "expires_at": format_time(change.expires_at) if change.expires_at is not None else None,
+        "occurred_at": format_time(change.occurred_at), "command_id": command_id,
+    }, separators=(",", ":"))
+    return OutboxRow("membership", str(change.user_id).encode(), payload.encode(), event_id)
 
 
 def segment_event(event: SegmentChanged) -> OutboxRow:

@@ -1,0 +1,22 @@
+"""The hand-written MembershipChanged JSON is exactly what the model would write."""
+import json
+from datetime import datetime, timedelta, timezone
+
+from schemas.events import MembershipChanged
+from service.domain import Change, Segment
+from service.unit_of_work import membership_event
+
+NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def test_membership_event_matches_the_model():
+    seg = Segment(1, "AVITO_VOICE_MESSAGES", "AVITO_VOICE_MESSAGES:1")
+    for change in (Change("added", 1000, seg, "command", NOW + timedelta(hours=1), NOW),
+                   Change("removed", 2**63 - 1, seg, "expired", None, NOW.replace(microsecond=0))):
+        for command_id in ("c-1", None):
+            row = membership_event(change, command_id)
+            model = MembershipChanged.model_validate_json(row.payload)
+            assert row.payload.decode() == model.model_dump_json()
+            assert row.event_id == model.event_id and row.key == str(change.user_id).encode()
+            assert json.loads(row.payload)["expires_at"] == (
+                None if change.expires_at is None else change.expires_at.isoformat().replace("+00:00", "Z"))
