@@ -83,14 +83,15 @@ class CommandWorker:
             for tp in sorted(batch, key=lambda tp: tp.partition) for r in batch[tp]
         ]
         started = time.monotonic()
-        report = await self.apply_with_retry(records)
-        if report is None:
-            return
-        metrics.BATCH_SIZE.observe(len(records))
-        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+        report = BatchReport()  # kept across retries: parts committed by a failed attempt are counted once
+        complete = await self.apply_with_retry(records, report)
         for (kind, status), n in report.outcomes.items():
             metrics.COMMANDS.labels(kind, status).inc(n)
         metrics.DEAD_LETTERS.inc(report.dead_letters)
+        if not complete:
+            return
+        metrics.BATCH_SIZE.observe(len(records))
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         now_ms = time.time() * 1000
         for tp, recs in batch.items():
             metrics.COMMAND_LATENCY.observe(max(0.0, (now_ms - recs[-1].timestamp) / 1000))
@@ -103,21 +104,23 @@ class CommandWorker:
         log.debug("batch applied", extra={"records": len(records), "from": first.position, "to": last.position,
                                           "skipped": report.skipped, "events": report.events})
 
-    async def apply_with_retry(self, records: list[InboundRecord]) -> BatchReport | None:
-        """Apply until it commits. Never skips: on failure nothing is committed and the same batch is retried."""
+    async def apply_with_retry(self, records: list[InboundRecord], report: BatchReport) -> bool:
+        """Apply until it commits (True). Never skips: what failed is rolled back and the batch retried (its
+        committed parts are skipped by offset). False: given up uncommitted because the partitions move."""
         delay = 0.1
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    return await self.processor.process(conn, records)
+                    await self.processor.process(conn, records, report)
+                    return True
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
                 metrics.BATCH_RETRIES.inc()
                 log.warning("batch failed, retrying", extra={
                     "from": records[0].position, "to": records[-1].position, "error": repr(exc), "retry_in": delay})
                 if self.revoking or self.stopping.is_set():
-                    log.warning("giving the batch up uncommitted: partitions are moving or the worker stops",
+                    log.warning("giving the rest of the batch up: partitions are moving or the worker stops",
                                 extra={"from": records[0].position})
-                    return None
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

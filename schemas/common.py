@@ -10,7 +10,10 @@ MAX_USER_ID = 2**63 - 1
 
 
 def _utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+23:59
+        raise ValueError("the time is out of range in UTC") from None
 
 
 def format_time(value: datetime) -> str:

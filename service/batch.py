@@ -1,4 +1,8 @@
-"""One consumed batch, one transaction: effects, inbox, outbox and consumed offsets commit together."""
+"""A consumed batch applied to PostgreSQL: effects, history, inbox, outbox and consumed offsets commit together.
+
+The batch is cut into parts, each one transaction: every segment command alone, and the user commands between
+them as one run whose locks are all taken up front, in one order (users, the rollout lock, segments).
+"""
 from __future__ import annotations
 
 import logging
@@ -10,10 +14,13 @@ from typing import Callable
 
 import asyncpg
 
-from schemas.commands import SEGMENT_COMMANDS, USER_COMMANDS, CreateSegment, DeleteSegment, ExpireMembership, RegisterUsers, UpdateSegment, UpdateUserSegments
+from schemas.commands import (
+    SEGMENT_COMMANDS, USER_COMMANDS, CreateSegment, DeleteSegment, ExpireMembership, RegisterUsers, UpdateSegment,
+    UpdateUserSegments,
+)
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
 from service import segment_handlers, sql, user_handlers
-from service.decoding import Decoded, InboundRecord, decode
+from service.decoding import Decoded, InboundRecord, decode, printable
 from service.domain import CommandRejectedError, NotDueYetError, Segment
 from service.unit_of_work import OutboxRow, UnitOfWork, result_row, segment_event
 from service.user_handlers import RunContext
@@ -50,52 +57,98 @@ def utcnow() -> datetime:
 
 @dataclass
 class BatchReport:
-    """What a batch did: per-type outcomes (for metrics and logs) and the offsets now stored."""
+    """What a batch did (metrics and logs). Parts are added only once their transaction committed."""
 
     outcomes: Counter = field(default_factory=Counter)  # (type, status) -> count
-    skipped: int = 0  # records already applied by an earlier owner of the partition
+    skipped: int = 0  # records already applied (by an earlier owner of the partition, or an earlier attempt)
     dead_letters: int = 0
     events: int = 0
 
+    def add(self, other: "BatchReport") -> None:
+        self.outcomes.update(other.outcomes)
+        self.skipped += other.skipped
+        self.dead_letters += other.dead_letters
+        self.events += other.events
+
+    def copy(self) -> "BatchReport":
+        return BatchReport(Counter(self.outcomes), self.skipped, self.dead_letters, self.events)
+
+    def restore(self, saved: "BatchReport") -> None:
+        """Back to `saved` (a copy taken before a savepoint that was rolled back)."""
+        self.outcomes, self.skipped = Counter(saved.outcomes), saved.skipped
+        self.dead_letters, self.events = saved.dead_letters, saved.events
+
 
 class BatchProcessor:
-    """Applies a batch of records from one topic inside one PostgreSQL transaction."""
+    """Applies a batch of records from one topic, part by part (see the module's docstring)."""
 
     def __init__(self, group: str, clock: Callable[[], datetime] = utcnow):
         self.group = group
         self.clock = clock
 
-    async def process(self, conn: asyncpg.Connection, records: list[InboundRecord]) -> BatchReport:
-        report = BatchReport()
-        if not records:
-            return report
-        for part in _transactions([decode(r) for r in records]):
-            await self._apply_in_transaction(conn, part, report)
+    async def process(self, conn: asyncpg.Connection, records: list[InboundRecord],
+                      report: BatchReport | None = None) -> BatchReport:
+        """Apply `records`; committed parts are added to `report` (kept by the caller across retries)."""
+        report = report if report is not None else BatchReport()
+        for part in _parts([decode(r) for r in records]):
+            await self._part(conn, part, report)
         return report
 
-    async def _apply_in_transaction(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport) -> None:
+    async def _part(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport) -> None:
+        try:
+            await self._apply_in_transaction(conn, items, report, self._apply)
+        except _FATAL:
+            raise
+        except Exception as exc:  # whatever a record's content breaks, the partition goes on
+            if len(items) > 1:
+                log.error("part failed; applying its records one by one",
+                          extra={"from": items[0].record.position, "to": items[-1].record.position, "error": repr(exc)})
+                for d in items:
+                    await self._part(conn, [d], report)
+                return
+            log.error("record cannot be processed; sent to the dead-letter topic",
+                      extra={"position": items[0].record.position, "error": repr(exc)})
+
+            reason = printable(repr(exc))
+
+            async def quarantine(part: _Part, fresh: list[Decoded]) -> None:
+                part.uow.record_outbox(dead_letter_row(fresh[0].record, "UNPROCESSABLE", reason))
+                part.report.dead_letters += 1
+
+            await self._apply_in_transaction(conn, items, report, quarantine)
+
+    @staticmethod
+    async def _apply(part: "_Part", fresh: list[Decoded]) -> None:
+        await part.apply(fresh)
+
+    async def _apply_in_transaction(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport,
+                                    work: Callable) -> None:
         topic = items[0].record.topic
         partitions = sorted({d.record.partition for d in items})
+        done = BatchReport()
         async with conn.transaction():
             await conn.execute(sql.ENSURE_OFFSETS, self.group, topic, partitions)
             stored = dict(await conn.fetch(sql.LOCK_OFFSETS, self.group, topic, partitions))
             fresh = [d for d in items if d.record.offset >= stored[d.record.partition]]
-            report.skipped += len(items) - len(fresh)
+            done.skipped = len(items) - len(fresh)
             if fresh:
-                await _Batch(conn, UnitOfWork(self.clock()), report).apply(fresh)
+                part = _Part(conn, UnitOfWork(self.clock()), done)
+                await work(part, fresh)
+                await part.uow.flush(conn)
                 last: dict[int, int] = {}
                 for d in fresh:
                     last[d.record.partition] = max(last.get(d.record.partition, -1), d.record.offset + 1)
                 await conn.execute(sql.STORE_OFFSETS, self.group, topic, list(last), list(last.values()))
                 await conn.execute(sql.NOTIFY_OUTBOX)
+        report.add(done)
 
 
-def _transactions(items: list[Decoded]) -> list[list[Decoded]]:
-    """Split a batch so that every segment command has a transaction of its own.
+def _parts(items: list[Decoded]) -> list[list[Decoded]]:
+    """Every segment command alone; the records between them together.
 
-    A run of user commands share-locks segments; a segment command locks one for update. In one transaction
-    that upgrade can deadlock with another worker's batch doing the same the other way round, and a
-    fan-out would hold every lock of the batch for its whole duration.
+    A run share-locks segments; a segment command locks one for update. In one transaction that upgrade can
+    deadlock with another worker doing the same the other way round, and a fan-out would hold every lock of
+    the batch for its whole duration.
     """
     parts: list[list[Decoded]] = [[]]
     for d in items:
@@ -106,34 +159,116 @@ def _transactions(items: list[Decoded]) -> list[list[Decoded]]:
     return [p for p in parts if p]
 
 
-class _Batch:
-    """The commands of one transaction, applied in partition order; runs of user commands go set-based."""
+def dead_letter_row(record: InboundRecord, code: str, message: str) -> OutboxRow:
+    """The original bytes (a tombstone stays one) with the five headers that say why."""
+    headers = {"error.code": code, "error.message": message, "source.topic": record.topic,
+               "source.partition": str(record.partition), "source.offset": str(record.offset)}
+    value = record.value
+    if value is not None and len(value) > DLQ_MAX_BYTES:
+        # Larger than any broker would take back with our headers: keep the head, say how long it was.
+        value, headers["error.truncated"] = value[:DLQ_MAX_BYTES], str(len(value))
+    return OutboxRow("dlq", record.key, value, str(uuid.uuid4()), headers)
+
+
+def _label(d: Decoded) -> str:
+    """Metric label of a record's type: only the contract's types (a sender must not mint new series)."""
+    return d.command.type if d.command is not None else "unknown"
+
+
+class _Part:
+    """The records of one transaction, applied in partition order."""
 
     def __init__(self, conn: asyncpg.Connection, uow: UnitOfWork, report: BatchReport):
         self.conn, self.uow, self.report = conn, uow, report
         self.seen: dict[str, tuple[str, str]] = {}  # command id -> (body hash, stored result json)
-        self.run: list[Decoded] = []
-        self.run_ids: set[str] = set()
 
     async def apply(self, items: list[Decoded]) -> None:
         ids = [d.command_id for d in items if d.command_id]
         for row in await self.conn.fetch(sql.FIND_PROCESSED, ids):
             self.seen[row["command_id"]] = (row["body_hash"], row["result"])
-        for d in items:
-            if d.command is None:
-                await self.flush_run()
-                self.dead_letter(d)
-            elif d.command_id in self.seen or d.command_id in self.run_ids:
-                await self.flush_run()
-                self.answer_duplicate(d)
-            elif isinstance(d.command, USER_COMMANDS):
-                self.run.append(d)
-                self.run_ids.add(d.command_id)
+        first = items[0]
+        if isinstance(first.command, SEGMENT_COMMANDS) and first.command_id not in self.seen:
+            await self.apply_segment_command(first)  # alone in its part
+        else:
+            await self.apply_run(items)
+
+    async def apply_run(self, items: list[Decoded]) -> None:
+        """Lock everything the run needs, run the rules in order, write in bulk; all inside one savepoint.
+
+        If PostgreSQL refuses the writes, the run is redone record by record, a savepoint each, and a
+        command the database refuses alone is rejected.
+        """
+        before_report, before_seen = self.report.copy(), dict(self.seen)
+        try:
+            async with self.conn.transaction():
+                ctx = await self.load_run([d for d in items if isinstance(d.command, USER_COMMANDS)])
+                for d in items:
+                    self.route(d, ctx)
+                await self.uow.flush(self.conn)
+        except _FATAL:
+            raise
+        except asyncpg.PostgresError as exc:
+            self.uow.forget()
+            self.report.restore(before_report)
+            self.seen.clear()
+            self.seen.update(before_seen)
+            if len(items) > 1:
+                log.warning("run failed, redoing it record by record",
+                            extra={"from": items[0].record.position, "to": items[-1].record.position,
+                                   "error": str(exc)})
+                for d in items:
+                    await self.apply_run([d])
+            elif items[0].command is not None and items[0].command_id not in self.seen:
+                self.refused(items[0], exc)
             else:
-                await self.flush_run()
-                await self.apply_segment_command(d)
-        await self.flush_run()
-        await self.uow.flush(self.conn)
+                raise
+
+    def route(self, d: Decoded, ctx: RunContext) -> None:
+        if d.command is None:
+            self.dead_letter(d)
+        elif d.command_id in self.seen:
+            self.answer_duplicate(d)
+        else:
+            self.apply_user_command(d, ctx)
+
+    async def load_run(self, run: list[Decoded]) -> RunContext:
+        """Lock in one fixed order: users (rows, id order), the rollout lock if some are new, segments (id order)."""
+        new = await self.uow.load_users(self.conn, {u for d in run for u in user_handlers.users_of(d.command)})
+        if new:
+            await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, sql.ROLLOUT_LOCK)
+        slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
+        rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new)) if slugs or new else []
+        segments = {r["slug"]: Segment(r["id"], r["slug"], r["salt"], r["auto_percent"]) for r in rows}
+        rollouts = [s for s in segments.values() if s.auto_percent > 0]
+        return RunContext(self.uow, segments, rollouts)
+
+    def apply_user_command(self, d: Decoded, ctx: RunContext) -> None:
+        try:
+            events = USER_HANDLERS[type(d.command)](d.command, ctx)
+        except CommandRejectedError as exc:
+            self.finish(d, "rejected", error=exc.info)
+        except NotDueYetError:
+            # Not stored: the TTL producer sends the same id again, and then it must count.
+            self.finish(d, "applied", 0, store=False)
+        except (ArithmeticError, ValueError) as exc:  # a rule met values it cannot handle
+            self.refused(d, exc)
+        else:
+            self.finish(d, "applied", events)
+
+    async def apply_segment_command(self, d: Decoded) -> None:
+        handler = SEGMENT_HANDLERS[type(d.command)]
+        try:
+            async with self.conn.transaction():  # savepoint: a rejected command leaves nothing behind
+                events, event = await handler(self.conn, d.command, self.uow)
+        except CommandRejectedError as exc:
+            self.finish(d, "rejected", error=exc.info)
+        except _FATAL:
+            raise
+        except asyncpg.PostgresError as exc:
+            self.refused(d, exc)
+        else:
+            self.uow.record_outbox(segment_event(event))
+            self.finish(d, "applied", events)
 
     def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,
                store: bool = True) -> None:
@@ -145,11 +280,18 @@ class _Batch:
         payload = self.uow.record_result(result, d.body_hash if store else None)
         if store:
             self.seen[d.command_id] = (d.body_hash, payload)
-        self.report.outcomes[(result.type, status)] += 1
+        self.report.outcomes[(_label(d), status)] += 1
         self.report.events += events
         if error is not None:
             log.info("command rejected", extra={"position": d.record.position, "command_id": d.command_id,
                                                 "error_code": error.code.value, "error": error.message})
+
+    def refused(self, d: Decoded, exc: Exception) -> None:
+        """The database refused one command (its savepoint is rolled back): reject it alone, go on."""
+        log.error("command could not be applied",
+                  extra={"position": d.record.position, "command_id": d.command_id, "error": str(exc)})
+        self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND,
+                                                   message=printable(f"could not be applied: {exc}")))
 
     def answer_duplicate(self, d: Decoded) -> None:
         """A seen command id: the stored result again, or a conflict if the body differs."""
@@ -167,96 +309,16 @@ class _Batch:
             payload = conflict.model_dump_json()
             status = "conflict"
         self.uow.record_outbox(result_row(d.command_id, payload))
-        self.report.outcomes[(d.type, status)] += 1
+        self.report.outcomes[(_label(d), status)] += 1
         log.info("duplicate command", extra={"position": d.record.position, "command_id": d.command_id, "status": status})
 
     def dead_letter(self, d: Decoded) -> None:
-        r = d.record
-        headers = {"error.code": d.error_code, "error.message": d.error_message, "source.topic": r.topic,
-                   "source.partition": str(r.partition), "source.offset": str(r.offset)}
-        value = r.value
-        if value is not None and len(value) > DLQ_MAX_BYTES:
-            # Larger than any broker would take back with our headers: keep the head, say how long it was.
-            value, headers["error.truncated"] = value[:DLQ_MAX_BYTES], str(len(value))
-        self.uow.record_outbox(OutboxRow("dlq", r.key, value, _new_id(), headers))
+        self.uow.record_outbox(dead_letter_row(d.record, d.error_code, d.error_message))
         self.report.dead_letters += 1
-        log.warning("dead letter", extra={"position": r.position, "command_id": d.command_id,
+        log.warning("dead letter", extra={"position": d.record.position, "command_id": d.command_id,
                                           "error_code": d.error_code, "error": d.error_message})
         if d.command_id in self.seen:
             self.answer_duplicate(d)  # the same id again: its stored result, or a conflict
         elif d.command_id is not None:
             self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=d.error_message,
                                                        details={"dead_letter": d.error_code}))
-
-    async def apply_segment_command(self, d: Decoded) -> None:
-        handler = SEGMENT_HANDLERS[type(d.command)]
-        try:
-            async with self.conn.transaction():  # savepoint: a rejected command leaves nothing behind
-                events, event = await handler(self.conn, d.command, self.uow)
-        except CommandRejectedError as exc:
-            self.finish(d, "rejected", error=exc.info)
-        except _FATAL:
-            raise
-        except asyncpg.PostgresError as exc:
-            self.refused(d, exc)
-        else:
-            self.uow.record_outbox(segment_event(event))
-            self.finish(d, "applied", events)
-
-    def refused(self, d: Decoded, exc: Exception) -> None:
-        """The database refused one command (its savepoint is rolled back): reject it alone, go on."""
-        log.error("command could not be applied",
-                  extra={"position": d.record.position, "command_id": d.command_id, "error": str(exc)})
-        self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=f"could not be applied: {exc}"))
-
-    async def flush_run(self) -> None:
-        """Apply the pending run of user commands: lock segments, load users, run the rules, write in bulk."""
-        run, self.run, self.run_ids = self.run, [], set()
-        if not run:
-            return
-        await self.uow.flush(self.conn)  # what came before the run is not undone if the run fails
-        try:
-            async with self.conn.transaction():  # savepoint around the whole run
-                self.apply_run_rules(run, await self.load_run(run))
-                await self.uow.flush(self.conn)
-        except _FATAL:
-            raise
-        except asyncpg.PostgresError as exc:
-            self.uow.forget()
-            if len(run) == 1:
-                self.refused(run[0], exc)
-                return
-            # Rare: the database refused something in the run. Redo it command by command, a savepoint each.
-            log.warning("run failed, retrying command by command", extra={"error": str(exc), "commands": len(run)})
-            for d in run:
-                self.run, self.run_ids = [d], {d.command_id}
-                await self.flush_run()
-
-    async def load_run(self, run: list[Decoded]) -> RunContext:
-        """Lock in a fixed order: users (rows), the rollout lock if some are new, then segments (id order)."""
-        new = await self.uow.load_users(self.conn, {u for d in run for u in user_handlers.users_of(d.command)})
-        if new:
-            await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, sql.ROLLOUT_LOCK)
-        slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
-        rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new))
-        segments = {r["slug"]: Segment(r["id"], r["slug"], r["salt"], r["auto_percent"]) for r in rows}
-        rollouts = [s for s in segments.values() if s.auto_percent > 0]
-        return RunContext(self.uow, segments, rollouts)
-
-    def apply_run_rules(self, run: list[Decoded], ctx: RunContext) -> None:
-        for d in run:
-            try:
-                events = USER_HANDLERS[type(d.command)](d.command, ctx)
-            except CommandRejectedError as exc:
-                self.finish(d, "rejected", error=exc.info)
-            except NotDueYetError:
-                # Not stored: the TTL producer sends the same id again, and then it must count.
-                self.finish(d, "applied", 0, store=False)
-            except (ArithmeticError, ValueError) as exc:  # a rule met values it cannot handle
-                self.refused(d, exc)
-            else:
-                self.finish(d, "applied", events)
-
-
-def _new_id() -> str:
-    return str(uuid.uuid4())

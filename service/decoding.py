@@ -50,14 +50,23 @@ def body_hash(command: Command) -> str:
 def _readable_id(obj: object) -> str | None:
     if isinstance(obj, dict):
         cid = obj.get("command_id")
-        if isinstance(cid, str) and 1 <= len(cid) <= 128 and "\x00" not in cid:
+        if isinstance(cid, str) and 1 <= len(cid) <= 128 and _storable(cid):
             return cid
     return None
 
 
+def _storable(text: str) -> bool:
+    """PostgreSQL text takes it: valid UTF-8 (no lone surrogate), no NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def printable(text: str, limit: int = 1000) -> str:
     """Text safe for a PostgreSQL text/jsonb column and a Kafka header: no NUL, bounded length."""
-    text = text.replace("\x00", "\\u0000")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -76,7 +85,7 @@ def decode(record: InboundRecord) -> Decoded:
         return Decoded(record, c := COMMAND_ADAPTER.validate_json(raw), c.command_id, body_hash(c))
     except ValidationError as err:
         summary = _summary(err)
-    except (RecursionError, ValueError) as err:  # absurdly deep nesting and the like
+    except (RecursionError, ValueError, ArithmeticError) as err:  # absurd nesting, dates out of range, ...
         summary = f"{type(err).__name__}: {err}"
     raw_hash = hashlib.sha256(raw).hexdigest()
 
@@ -92,7 +101,7 @@ def decode(record: InboundRecord) -> Decoded:
     cid = _readable_id(obj)
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in COMMAND_TYPES:
-        name = kind if isinstance(kind, str) and len(kind) <= 64 and "\x00" not in kind else "unknown"
+        name = kind if isinstance(kind, str) and len(kind) <= 64 and _storable(kind) else "unknown"
         return dead("UNKNOWN_TYPE", f"unknown command type {printable(repr(kind), 200)}", cid, name)
     if "command_id" not in obj:
         return dead("MISSING_COMMAND_ID", "command_id is missing", None, kind)

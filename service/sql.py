@@ -65,14 +65,13 @@ DELETE_SEGMENT_EXCLUSIONS = "DELETE FROM exclusions WHERE segment_id = $1"
 # --- user state ---------------------------------------------------------------------------------------
 # A user's row lock serializes commands about one user that arrive on different partitions (RegisterUsers is
 # keyed by its first user). Row locks, not advisory locks: a 10 000-user registration would exhaust the lock table.
-LOCK_KNOWN_USERS = """
-SELECT user_id FROM users WHERE user_id = ANY($1::bigint[]) ORDER BY user_id FOR UPDATE
-"""
-# Users seen for the first time are inserted at once (their uncommitted row is the lock); those the batch does
-# not register in the end (every command of theirs rejected) are deleted again before commit.
-INSERT_NEW_USERS = """
+# One statement in id order: known users' rows are locked (DO UPDATE ... WHERE false locks, writes nothing), users
+# seen for the first time are inserted (their uncommitted row is the lock) and returned. Those the run does not
+# register in the end (every command of theirs rejected) are deleted again before commit.
+LOCK_OR_INSERT_USERS = """
 INSERT INTO users (user_id, registered_at) SELECT u, $2 FROM unnest($1::bigint[]) AS u ORDER BY u
-ON CONFLICT DO NOTHING RETURNING user_id
+ON CONFLICT (user_id) DO UPDATE SET registered_at = users.registered_at WHERE false
+RETURNING user_id
 """
 DELETE_USERS = "DELETE FROM users WHERE user_id = ANY($1::bigint[])"
 USER_MEMBERSHIPS = """

@@ -71,17 +71,10 @@ class UnitOfWork:
         ids = sorted(u for u in user_ids if u not in self.users)
         if not ids:
             return set()
-        known = {r["user_id"] for r in await conn.fetch(sql.LOCK_KNOWN_USERS, ids)}
-        fresh = [u for u in ids if u not in known]
-        new: set[int] = set()
-        if fresh:
-            new = {r["user_id"] for r in await conn.fetch(sql.INSERT_NEW_USERS, fresh, self.now)}
-            raced = [u for u in fresh if u not in new]  # registered meanwhile through another partition
-            if raced:
-                known |= {r["user_id"] for r in await conn.fetch(sql.LOCK_KNOWN_USERS, raced)}
-            self.tentative |= new
+        new = {r["user_id"] for r in await conn.fetch(sql.LOCK_OR_INSERT_USERS, ids, self.now)}
+        self.tentative |= new
         for u in ids:
-            self.users[u] = UserState(u, known=u in known)
+            self.users[u] = UserState(u, known=u not in new)
         for r in await conn.fetch(sql.USER_MEMBERSHIPS, ids):
             self.users[r["user_id"]].memberships[r["segment_id"]] = Membership(
                 r["source"], r["added_at"], r["expires_at"]

@@ -154,6 +154,10 @@ async def test_sql_bucket_matches_the_documented_formula(conn):
     ('{"type": "CreateSegment", "command_id": "bad\\u0000id", "slug": "A"}'.encode(), "INVALID_FIELDS"),
     ('{"type": "CreateSegment", "command_id": "ok", "slug": "A", "\\u0000": 1}'.encode(), "INVALID_FIELDS"),
     ('{"type": "Nope\\u0000", "command_id": "ok-id"}'.encode(), "UNKNOWN_TYPE"),
+    (b'{"type": "Nope", "command_id": "a\\ud800b"}', "UNKNOWN_TYPE"),  # a lone surrogate: not storable
+    (b'{"type": "X\\ud800", "command_id": "ok-id"}', "UNKNOWN_TYPE"),
+    (b'{"type": "CreateSegment", "command_id": "x", "slug": "A", "issued_at": "0001-01-01T00:00:00+23:59"}',
+     "INVALID_FIELDS"),  # out of range once in UTC
 ])
 async def test_hostile_messages_are_dead_letters_not_crashes(conn, raw, code):
     f = Feeder(conn)
@@ -204,3 +208,80 @@ async def test_a_dead_lettered_tombstone_stays_a_tombstone(conn):
     await f.processor.process(conn, [InboundRecord("commands", 0, 0, b"k", None)])
     payload, headers, key = (await f.outbox("dlq"))[0]
     assert payload is None and headers["error.code"] == "INVALID_JSON" and bytes(key) == b"k"
+
+
+async def test_an_early_expiry_sent_twice_in_one_batch(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 3600}]))
+    expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
+    cmd = {"type": "ExpireMembership", "command_id": "exp-x", "user_id": 1, "slug": "A",
+           "expires_at": expires_at.isoformat()}
+    await f.apply(cmd, cmd)  # a producer retry, before its time
+    assert [r["status"] for r in (await f.results())["exp-x"]] == ["applied", "applied"]
+    assert await f.members("A") == {1}
+
+
+async def test_counts_survive_a_retry_after_a_partly_committed_batch(conn, monkeypatch):
+    import asyncpg
+
+    from service import batch as batch_module
+
+    f = Feeder(conn)
+    records = [f.record(update_user("a", 1)), f.record(create("B")), f.record(update_user("b", 2))]
+    original = batch_module._Part.apply_segment_command
+    failed = []
+
+    async def fail_once(self, d):
+        if not failed:
+            failed.append(d)
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return await original(self, d)
+
+    monkeypatch.setattr(batch_module._Part, "apply_segment_command", fail_once)
+    report = batch_module.BatchReport()  # the worker keeps one across its retries
+    with pytest.raises(asyncpg.exceptions.DeadlockDetectedError):
+        await f.processor.process(conn, records, report)
+    await f.processor.process(conn, records, report)
+    assert sum(report.outcomes.values()) == 3 and report.skipped == 1
+
+
+async def test_a_run_redone_record_by_record_is_counted_once(conn, monkeypatch):
+    import asyncpg
+
+    from service.unit_of_work import UnitOfWork
+
+    f = Feeder(conn)
+    await f.apply(create("A"))
+    original = UnitOfWork._write_state
+    calls = []
+
+    async def fail_first_run(self, c):
+        if self.before and not calls:
+            calls.append(1)
+            raise asyncpg.exceptions.CheckViolationError("refused")
+        return await original(self, c)
+
+    monkeypatch.setattr(UnitOfWork, "_write_state", fail_first_run)
+    report = await f.apply(update_user("a", 1, add=["A"]), update_user("b", 2, add=["A"]))
+    assert report.outcomes[("UpdateUserSegments", "applied")] == 2 and report.events == 2
+    assert await f.members("A") == {1, 2}
+
+
+async def test_a_record_that_breaks_the_worker_is_quarantined_and_the_partition_goes_on(conn, monkeypatch):
+    from service import user_handlers
+
+    f = Feeder(conn)
+    await f.apply(create("A"))
+    original = user_handlers.slugs_of
+
+    def broken(cmd):  # a bug that only this command's content triggers
+        if getattr(cmd, "command_id", "") == "poison":
+            raise KeyError("boom")
+        return original(cmd)
+
+    monkeypatch.setattr(user_handlers, "slugs_of", broken)
+    await f.apply(update_user("before", 1, add=["A"]), update_user("poison", 2, add=["A"]),
+                  update_user("after", 3, add=["A"]))
+    assert await f.members("A") == {1, 3}
+    payload, headers, _ = (await f.outbox("dlq"))[0]
+    assert headers["error.code"] == "UNPROCESSABLE" and b'"poison"' in bytes(payload)

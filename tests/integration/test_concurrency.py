@@ -68,13 +68,13 @@ async def test_a_known_users_command_does_not_wait_for_an_unrelated_rollout_chan
 async def test_segment_commands_in_two_batches_do_not_deadlock(conn, conn2, monkeypatch):
     await Feeder(conn).apply(create("S", percent=10), create("R", percent=10), partition=9)
     both_ran_their_user_commands = asyncio.Barrier(2)
-    original = batch_module._Batch.apply_segment_command
+    original = batch_module._Part.apply_segment_command
 
     async def paused(self, d):
         await asyncio.wait_for(both_ran_their_user_commands.wait(), 10)
         return await original(self, d)
 
-    monkeypatch.setattr(batch_module._Batch, "apply_segment_command", paused)
+    monkeypatch.setattr(batch_module._Part, "apply_segment_command", paused)
     results = await asyncio.gather(
         Feeder(conn).apply(update_user("a", 1), {"type": "UpdateSegment", "command_id": "us", "slug": "S",
                                                   "description": "s"}, partition=0),
@@ -89,3 +89,29 @@ async def test_a_user_whose_commands_are_all_rejected_stays_unknown(conn):
     await f.apply(update_user("nope", 9, add=["MISSING"]))
     assert (await f.result("nope"))["error"]["code"] == "SEGMENT_NOT_FOUND"
     assert await conn.fetchval("SELECT count(*) FROM users WHERE user_id = 9") == 0
+
+
+async def test_a_run_registering_a_user_and_a_rollout_start_do_not_deadlock(conn, conn2, monkeypatch):
+    await Feeder(conn).apply(create("S"), update_user("k", 1), partition=9)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+    original = batch_module._Part.load_run
+
+    async def paused(self, run):
+        ctx = await original(self, run)
+        if any(d.command_id == "new" for d in run):
+            holding.set()
+            await asyncio.wait_for(release.wait(), 10)
+        return ctx
+
+    monkeypatch.setattr(batch_module._Part, "load_run", paused)
+    # A run that share-locks S (user 1) and registers user 77, around a dead letter.
+    run = asyncio.create_task(Feeder(conn).apply(update_user("a1", 1, add=["S"]), b"garbage",
+                                                 update_user("new", 77), partition=0))
+    await asyncio.wait_for(holding.wait(), 10)
+    start = asyncio.create_task(Feeder(conn2).apply(
+        {"type": "UpdateSegment", "command_id": "up", "slug": "S", "auto_percent": 50}, partition=1))
+    await asyncio.sleep(0.3)
+    release.set()
+    results = await asyncio.gather(run, start, return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
