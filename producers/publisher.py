@@ -22,7 +22,11 @@ class CommandClient:
         self.reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> "CommandClient":
-        await self.producer.start()
+        try:
+            await self.producer.start()
+        except BaseException:
+            await self.producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:

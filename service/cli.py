@@ -143,10 +143,15 @@ def _send(command_json: dict, wait: bool, timeout: float) -> None:
             await client.listen()
             return await client.request(command, timeout)
 
+    from aiokafka.errors import KafkaError
+
     try:
         result = asyncio.run(go())
     except asyncio.TimeoutError:
         typer.echo(f"no result for {command.command_id} within {timeout} s (is the worker running?)", err=True)
+        raise typer.Exit(3)
+    except KafkaError as exc:
+        typer.echo(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc}", err=True)
         raise typer.Exit(3)
     if result is None:
         typer.echo(json.dumps({"command_id": command.command_id, "status": "sent"}))
@@ -212,6 +217,9 @@ def send_update_user(
     adds = []
     for item in add:
         slug, _, seconds = item.partition("@")
+        if seconds and not seconds.isdigit():
+            typer.echo(f"--add {item}: the TTL after @ must be a whole number of seconds", err=True)
+            raise typer.Exit(2)
         adds.append({"slug": slug, "ttl_seconds": int(seconds)} if seconds else slug)
     _send({"type": "UpdateUserSegments", "command_id": command_id or _new_id(), "user_id": user_id,
            "add": adds, "remove": remove, "ttl_seconds": ttl}, wait, timeout)

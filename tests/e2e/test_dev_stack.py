@@ -117,3 +117,15 @@ def test_sigterm_stops_every_server_it_started_even_during_start_up(after, tmp_p
     time.sleep(0.5)
     assert _servers_on(port) == []
     assert _postgres_under(str(tmp_path)) == []
+
+
+def test_cli_exit_codes_for_bad_input_and_no_broker():
+    from service.embedded import free_port
+
+    env = os.environ | {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "send", "update-user", "1", "--add", "A@soon"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "whole number of seconds" in bad.stderr
+    down = subprocess.run([sys.executable, "-m", "service.cli", "send", "create-segment", "X"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 3 and "cannot reach Kafka" in down.stderr
