@@ -104,9 +104,14 @@ async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, templ
     proxy = PgProxy(await new_database(pg_admin_url), tmp_path)
     await proxy.restore()
     settings = fast_settings(proxy.url, broker_bootstrap)
+    api = TestClient(TestServer(create_app(settings)))
+    await api.start_server()
     async with Stack(settings) as stack:
         await stack.request(CreateSegment(command_id=cid(), slug="OUT"))
+        assert (await api.get("/readyz")).status == 200
         await proxy.cut()
+        ready = await api.get("/readyz")
+        assert ready.status == 503 and (await ready.json())["checks"]["postgres"].startswith("unreachable")
         ids = [cid() for _ in range(20)]
         waiting = [stack.client.expect(i) for i in ids]
         for n, command_id in enumerate(ids):
@@ -118,6 +123,8 @@ async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, templ
         assert all(r["status"] == "applied" and r["events"] == 1 for r in results)
         history = await stack.query("SELECT count(*) AS n FROM membership_history")
         assert history[0]["n"] == 20  # each applied once
+        assert (await api.get("/readyz")).status == 200
+    await api.close()
     assert sample("segmentation_batch_retries_total") > 0
 
 
