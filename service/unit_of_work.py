@@ -17,9 +17,11 @@ from service.domain import Change, Membership, UserState
 
 @dataclass
 class OutboxRow:
+    """One message for the relay to publish; `kind` picks the topic."""
+
     kind: str  # 'membership' | 'segment' | 'result' | 'dlq'
     key: bytes | None
-    payload: bytes
+    payload: bytes | None  # None: a dead-lettered tombstone
     event_id: str
     headers: dict[str, str] | None = None
 
@@ -50,7 +52,7 @@ def result_row(command_id: str, payload: str) -> OutboxRow:
 
 @dataclass
 class UnitOfWork:
-    """The writes of a batch, in order; `flush` sends them to PostgreSQL inside the caller's transaction.
+    """The writes of one transaction, in order; `flush` sends them to PostgreSQL inside it.
 
     User state is loaded once per run of user commands and snapshotted; `flush` writes the difference
     between the snapshot and the state the rules left, so every change of a row is written exactly once.
