@@ -28,6 +28,11 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         async with self.worker.batch_lock:  # the batch in hand commits (or gives up) before we let go
             self.worker.revoking = False
         if revoked:
+            for tp in revoked:  # no longer ours to report
+                try:
+                    metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+                except KeyError:
+                    pass
             log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
 
     async def on_partitions_assigned(self, assigned):

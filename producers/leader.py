@@ -12,6 +12,12 @@ from prometheus_client import Gauge
 
 log = logging.getLogger("segmentation.leader")
 
+# The lock lives as long as the connection. If the leader's host vanishes, PostgreSQL notices through TCP
+# keepalive (ignored on Unix sockets) and frees the lock; a leader cut off notices through the command timeout.
+KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+             "tcp_user_timeout": "30000"}
+COMMAND_TIMEOUT = 60.0
+
 RELAY_LOCK = 7_361_002
 TTL_LOCK = 7_361_003
 
@@ -23,8 +29,8 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
     while not stopping.is_set():
         conn = None
         try:
-            conn = await asyncpg.connect(url, timeout=10, server_settings={
-                "application_name": f"segmentation-{name.replace(' ', '-')}-{os.getpid()}"})
+            conn = await asyncpg.connect(url, timeout=10, command_timeout=COMMAND_TIMEOUT, server_settings={
+                "application_name": f"segmentation-{name.replace(' ', '-')}-{os.getpid()}", **KEEPALIVE})
             while not stopping.is_set():
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
                     log.info(f"{name} is active", extra={"lock": lock_id})

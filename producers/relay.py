@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 
 from producers import leader
 from service import kafka, metrics
@@ -23,10 +24,13 @@ SELECT seq, kind, key, payload, event_id, headers::text AS headers, created_at
 FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE
 """
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])"
-PURGE = """
+PURGE_SLICE = 20_000
+PURGE = f"""
 DELETE FROM outbox WHERE seq IN (
-    SELECT seq FROM outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT 50000)
+    SELECT seq FROM outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT {PURGE_SLICE})
 """
+# One round of sends stays within one producer batch (kafka.producer_options max_batch_size).
+ROUND_BYTES = 1024 * 1024 - 64 * 1024
 BACKLOG = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 
 
@@ -58,31 +62,54 @@ class OutboxRelay:
         next_purge = next_backlog = 0.0
         while not self.stopping.is_set():
             self.wake.clear()
-            sent = await self.publish_batch(conn)
             now = time.monotonic()
-            if now >= next_backlog:
+            if now >= next_backlog:  # before publishing, so a relay stuck on a row still shows its backlog
                 metrics.OUTBOX_BACKLOG.set(await conn.fetchval(BACKLOG))
                 next_backlog = now + 5
+            sent = await self.publish_batch(conn)
             if now >= next_purge and self.settings.outbox_retention_seconds:
-                await conn.execute(PURGE, float(self.settings.outbox_retention_seconds))
+                await self.purge(conn)
                 next_purge = now + 60
             if sent < self.settings.relay_batch_max:
                 await leader.wait(self.wake, self.settings.relay_poll_seconds)  # NOTIFY, or the polling fallback
 
+    async def purge(self, conn: asyncpg.Connection) -> None:
+        """Delete published rows past retention, in slices, until none is left (keeps up with any load)."""
+        while (await conn.execute(PURGE, float(self.settings.outbox_retention_seconds))) == f"DELETE {PURGE_SLICE}":
+            await asyncio.sleep(0)
+
     async def publish_batch(self, conn: asyncpg.Connection) -> int:
-        """Claim, publish and mark one batch; on any failure the transaction rolls back and rows stay."""
+        """Claim, publish and mark one batch; on any failure the transaction rolls back and rows stay.
+
+        Sends go out in rounds of at most one producer batch of bytes, each awaited before the next: a
+        partition never has two batches in flight, so a failed one cannot be overtaken by the next one
+        (without an idempotent producer Kafka would not keep them in order).
+        """
         async with conn.transaction():
             rows = await conn.fetch(CLAIM, self.settings.relay_batch_max)
             if not rows:
                 return 0
-            futures = []
+            round_futures: list[asyncio.Future] = []
+            round_bytes = 0
             for r in rows:
                 headers = [("event_id", r["event_id"].encode())]
                 if r["headers"]:
                     headers += [(k, str(v).encode()) for k, v in json.loads(r["headers"]).items()]
-                futures.append(await self.producer.send(
-                    self.topics[r["kind"]], value=r["payload"], key=r["key"], headers=headers))
-            await asyncio.gather(*futures)  # every row acknowledged before it is marked
+                size = len(r["payload"] or b"") + len(r["key"] or b"") + sum(len(k) + len(v) for k, v in headers)
+                if round_bytes + size > ROUND_BYTES and round_futures:
+                    await _all_acknowledged(round_futures)
+                    round_futures, round_bytes = [], 0
+                try:
+                    round_futures.append(await self.producer.send(
+                        self.topics[r["kind"]], value=r["payload"], key=r["key"], headers=headers))
+                except MessageSizeTooLargeError as exc:
+                    # Never retried into a stall: the row is skipped, loudly. (Dead letters are bounded when
+                    # written, so this is a configuration error: a broker limit below the service's.)
+                    metrics.OUTBOX_DROPPED.inc()
+                    log.error("outbox row too large for the producer; skipped",
+                              extra={"seq": r["seq"], "kind": r["kind"], "event_id": r["event_id"], "error": str(exc)})
+                round_bytes += size
+            await _all_acknowledged(round_futures)  # every row acknowledged before it is marked
             await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
         now = datetime.now(timezone.utc)
         for r in rows:
@@ -90,6 +117,13 @@ class OutboxRelay:
             metrics.OUTBOX_PUBLISHED.labels(r["kind"]).inc()
         self.published += len(rows)
         return len(rows)
+
+
+async def _all_acknowledged(futures: list[asyncio.Future]) -> None:
+    """Wait for every send of a round, even after one failed (nothing left in flight), then raise the first error."""
+    for outcome in await asyncio.gather(*futures, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def main(settings: Settings) -> None:

@@ -92,10 +92,13 @@ class TtlProducer:
             await leader.wait(self.wake, sleep)
 
     async def publish_due(self, conn: asyncpg.Connection, now: datetime, cursor: tuple) -> tuple:
-        """Publish every membership due at `now` after `cursor`; returns the new cursor."""
+        """Publish every membership due at `now` after `cursor`; returns the new cursor. Sets the TTL lag gauge
+        to this pass's worst lateness (0 when nothing was due)."""
+        lag = 0.0
         while True:
             rows = await conn.fetch(DUE, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
+                metrics.TTL_LAG.set(lag)
                 return cursor
             futures, sent = [], {}
             for r in rows:
@@ -107,7 +110,7 @@ class TtlProducer:
                 futures.append(await self.producer.send(
                     self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
                 sent[command_id] = r["expires_at"]
-                metrics.TTL_LAG.set(max(0.0, (datetime.now(timezone.utc) - r["expires_at"]).total_seconds()))
+                lag = max(lag, (datetime.now(timezone.utc) - r["expires_at"]).total_seconds())
             await asyncio.gather(*futures)
             self.recent.update({cid: datetime.now(timezone.utc) for cid in sent})  # only what the broker acknowledged
             metrics.TTL_EXPIRIES.inc(len(futures))
@@ -117,6 +120,7 @@ class TtlProducer:
             last = rows[-1]
             cursor = (last["expires_at"], last["user_id"], last["segment_id"])
             if len(rows) < self.settings.ttl_batch_max:
+                metrics.TTL_LAG.set(lag)
                 return cursor
 
     def forget_old(self, now: datetime) -> None:

@@ -20,6 +20,8 @@ log = logging.getLogger("segmentation.api")
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
+REPORTS = web.AppKey("reports", asyncio.Semaphore)  # streams in progress: each holds a connection throughout
+ACQUIRE_TIMEOUT = 5.0
 _SLUG = re.compile(SLUG_PATTERN)
 
 
@@ -46,6 +48,12 @@ def _int(value: str | None, name: str, low: int, high: int, required: bool = Tru
     return int(value)
 
 
+# The database is down or busy (503, try again), as opposed to a query that fails (500, a bug).
+_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.OperatorInterventionError,
+                asyncpg.exceptions.InsufficientResourcesError)
+
+
 @web.middleware
 async def observe(request: web.Request, handler):
     """Errors as the contract's body; metrics by route and status."""
@@ -60,9 +68,12 @@ async def observe(request: web.Request, handler):
             response = error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
         else:
             raise
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+    except _UNAVAILABLE as exc:
         log.warning("database unavailable", extra={"path": request.path, "error": repr(exc)})
         response = error(503, "UNAVAILABLE", "the database is unavailable, try again")
+    except asyncpg.PostgresError:
+        log.exception("query failed", extra={"path": request.path})
+        response = error(500, "INTERNAL", "internal error")
     metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
     metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
     return response
@@ -70,7 +81,7 @@ async def observe(request: web.Request, handler):
 
 async def get_user_segments(request: web.Request) -> web.Response:
     user_id = _int(request.match_info["user_id"], "user_id", 1, MAX_USER_ID)
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
         rows = await views.user_segments(conn, user_id)
     return answer(UserSegments(user_id=user_id, segments=[UserSegment(**r) for r in rows]))
 
@@ -79,7 +90,7 @@ async def get_segments(request: web.Request) -> web.Response:
     flag = request.query.get("include_deleted", "false").lower()
     if flag not in ("true", "false", "1", "0"):
         raise InputError("include_deleted must be true or false")
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
         rows = await views.segments(conn, flag in ("true", "1"))
     return answer(SegmentList(segments=[SegmentInfo(**r) for r in rows]))
 
@@ -88,7 +99,7 @@ async def get_segment(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     if not _SLUG.fullmatch(slug):
         raise InputError(f"not a valid slug: {slug!r}")
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
         row = await views.segment(conn, slug)
     if row is None:
         return error(404, "SEGMENT_NOT_FOUND", f"segment {slug} never existed")
@@ -99,7 +110,7 @@ async def get_command(request: web.Request) -> web.Response:
     command_id = request.match_info["command_id"]
     if not 1 <= len(command_id) <= 128 or "\x00" in command_id:
         raise InputError("command_id must have 1 to 128 characters, none of them NUL")
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
         result = await views.command_result(conn, command_id)
     if result is None:
         return error(404, "COMMAND_NOT_FOUND", f"no result for command {command_id}")
@@ -107,7 +118,7 @@ async def get_command(request: web.Request) -> web.Response:
 
 
 def _report_params(request: web.Request) -> tuple[int, int, int | None]:
-    year = _int(request.query.get("year"), "year", 1970, 9999)
+    year = _int(request.query.get("year"), "year", 1970, 9998)  # 9998: the month after must exist too
     month = _int(request.query.get("month"), "month", 1, 12)
     user_id = _int(request.query.get("user_id"), "user_id", 1, MAX_USER_ID, required=False)
     return year, month, user_id
@@ -126,7 +137,10 @@ async def get_report_csv(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
                                            "Content-Disposition": f'attachment; filename="{name}"'})
     response.enable_chunked_encoding()
-    async with request.app[POOL].acquire() as conn:
+    reports = request.app[REPORTS]
+    if reports.locked():  # slow readers must not take every connection from the other endpoints
+        return error(503, "TOO_MANY_REPORTS", "too many reports are streaming; try again shortly")
+    async with reports, request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
         await response.prepare(request)
         await views.stream_history_csv(conn, year, month, user_id, response.write)
     await response.write_eof()
@@ -185,6 +199,7 @@ async def _database(app: web.Application):
     settings = app[SETTINGS]
     app[POOL] = await asyncpg.create_pool(settings.database_url, min_size=settings.db_pool_min,
                                           max_size=settings.db_pool_max)
+    app[REPORTS] = asyncio.Semaphore(max(1, settings.db_pool_max // 2))
     yield
     await app[POOL].close()
 

@@ -48,7 +48,8 @@ _FATAL = (
 )
 
 
-DLQ_MAX_BYTES = 900_000
+DLQ_MAX_BYTES = 900_000  # key + value of a dead letter
+DLQ_MAX_KEY_BYTES = 16_384
 
 
 def utcnow() -> datetime:
@@ -163,11 +164,14 @@ def dead_letter_row(record: InboundRecord, code: str, message: str) -> OutboxRow
     """The original bytes (a tombstone stays one) with the five headers that say why."""
     headers = {"error.code": code, "error.message": message, "source.topic": record.topic,
                "source.partition": str(record.partition), "source.offset": str(record.offset)}
-    value = record.value
-    if value is not None and len(value) > DLQ_MAX_BYTES:
-        # Larger than any broker would take back with our headers: keep the head, say how long it was.
-        value, headers["error.truncated"] = value[:DLQ_MAX_BYTES], str(len(value))
-    return OutboxRow("dlq", record.key, value, str(uuid.uuid4()), headers)
+    key, value = record.key, record.value
+    # What the broker took may not fit back with our headers: keep the heads, say how long they were.
+    if key is not None and len(key) > DLQ_MAX_KEY_BYTES:
+        key, headers["error.key_truncated"] = key[:DLQ_MAX_KEY_BYTES], str(len(key))
+    room = DLQ_MAX_BYTES - len(key or b"")
+    if value is not None and len(value) > room:
+        value, headers["error.truncated"] = value[:room], str(len(value))
+    return OutboxRow("dlq", key, value, str(uuid.uuid4()), headers)
 
 
 def _label(d: Decoded) -> str:

@@ -260,7 +260,7 @@ def watch(
         try:
             async for msg in consumer:
                 try:
-                    value = json.loads(msg.value)
+                    value = json.loads(msg.value) if msg.value is not None else None  # None: a tombstone
                 except ValueError:
                     value = msg.value.decode(errors="replace")
                 headers = {k: v.decode(errors="replace") for k, v in msg.headers}

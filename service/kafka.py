@@ -7,7 +7,6 @@ import ssl
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 
 from service.settings import Settings
 
@@ -92,21 +91,30 @@ def topic_plan(settings: Settings) -> dict[str, int]:
     }
 
 
+TOPIC_ALREADY_EXISTS = 36
+
+
 async def create_topics(settings: Settings) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
+    """Create the topics that do not exist yet; returns the names created. Raises if Kafka refuses one."""
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [NewTopic(name, partitions, settings.replication_factor)
                   for name, partitions in topic_plan(settings).items() if name not in existing]
+        created = []
         if wanted:
-            try:
-                await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass
-        for t in wanted:
-            log.info("topic created", extra={"topic": t.name, "partitions": t.num_partitions})
-        return [t.name for t in wanted]
+            # The answer carries an error code per topic; nothing is raised for them.
+            response = await admin.create_topics(wanted)
+            refused = []
+            for name, code, *message in response.topic_errors:
+                if code == 0:
+                    created.append(name)
+                    log.info("topic created", extra={"topic": name, "partitions": topic_plan(settings)[name]})
+                elif code != TOPIC_ALREADY_EXISTS:
+                    refused.append(f"{name}: error {code} {message[0] if message else ''}".strip())
+            if refused:
+                raise RuntimeError(f"Kafka refused to create topics: {'; '.join(refused)}")
+        return created
     finally:
         await admin.close()

@@ -14,6 +14,7 @@ CONSUMER_LAG = Gauge("segmentation_consumer_lag", "Records behind the partition'
 BATCH_RETRIES = Counter("segmentation_batch_retries_total", "Batches retried after a database or broker error")
 OUTBOX_BACKLOG = Gauge("segmentation_outbox_backlog", "Outbox rows not published yet")
 OUTBOX_PUBLISHED = Counter("segmentation_outbox_published_total", "Outbox rows published", ["kind"])
+OUTBOX_DROPPED = Counter("segmentation_outbox_dropped_total", "Outbox rows the producer refused as too large")
 PUBLISH_LATENCY = Histogram("segmentation_outbox_publish_latency_seconds", "From outbox insert to broker ack",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 TTL_EXPIRIES = Counter("segmentation_ttl_expiries_published_total", "ExpireMembership commands published")

@@ -20,9 +20,11 @@ WITH stored AS (
       AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = $1 AND x.segment_id = s.id)
       AND NOT EXISTS (SELECT 1 FROM stored WHERE stored.id = s.id)
 )
-SELECT slug, added_at, expires_at, source FROM stored
-UNION ALL SELECT slug, added_at, expires_at, source FROM computed
-ORDER BY slug
+SELECT * FROM (
+    SELECT slug, added_at, expires_at, source FROM stored
+    UNION ALL SELECT slug, added_at, expires_at, source FROM computed
+) AS segments
+ORDER BY slug COLLATE "C"  -- byte order, whatever the database's collation
 """
 _SEGMENT_COLUMNS = """
 SELECT s.slug, s.description, s.auto_percent, s.created_at, s.deleted_at,
@@ -30,7 +32,8 @@ SELECT s.slug, s.description, s.auto_percent, s.created_at, s.deleted_at,
        AND (m.expires_at IS NULL OR m.expires_at > now())) AS member_count
 FROM segments s
 """
-SEGMENTS = _SEGMENT_COLUMNS + "WHERE $1 OR s.deleted_at IS NULL ORDER BY s.slug, s.id"
+# Byte order, whatever the database's collation (slugs are case-sensitive ASCII).
+SEGMENTS = _SEGMENT_COLUMNS + 'WHERE $1 OR s.deleted_at IS NULL ORDER BY s.slug COLLATE "C", s.id'
 # The live incarnation of a slug, or else its latest deleted one.
 SEGMENT = _SEGMENT_COLUMNS + "WHERE s.slug = $1 ORDER BY s.deleted_at IS NULL DESC, s.id DESC LIMIT 1"
 COMMAND_RESULT = "SELECT result::text FROM processed_commands WHERE command_id = $1"

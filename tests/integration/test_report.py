@@ -79,3 +79,45 @@ async def test_the_month_is_the_utc_month_whatever_the_servers_time_zone(conn):
     await views.stream_history_csv(conn, 2026, 5, None, write)
     lines = b"".join(chunks).decode().splitlines()
     assert lines[1:] == ["1;A;added;2026-05-31T12:00:00.000000Z;command"]
+
+
+async def test_december_9999_is_a_400_not_a_broken_stream(http):
+    resp = await http.get("/api/v1/reports/history.csv?year=9999&month=12")
+    assert resp.status == 400
+
+
+async def test_slow_report_readers_do_not_starve_the_read_api(conn, database_url):
+    import asyncio
+
+    await conn.execute("""
+        INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason)
+        SELECT g, 'AVITO_VOICE_MESSAGES', 1, 'added', timestamptz '2026-11-01' + g * interval '1 ms', 'command'
+        FROM generate_series(1, 400000) g""")
+    client = TestClient(TestServer(create_app(Settings(database_url=database_url, db_pool_max=2))))
+    await client.start_server()
+    readers = []
+    try:
+        for _ in range(2):  # two downloads over a slow link (here: nobody reads)
+            _, w = await asyncio.open_connection(client.host, client.port)
+            w.write(b"GET /api/v1/reports/history.csv?year=2026&month=11 HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(w)
+        await asyncio.sleep(2)
+        resp = await asyncio.wait_for(client.get("/api/v1/users/1000/segments"), 10)
+        assert resp.status == 200, await resp.text()
+    finally:
+        for w in readers:
+            w.transport.abort()
+        await client.close()
+
+
+async def test_a_failing_query_is_a_500_not_a_503(http, monkeypatch):
+    import asyncpg
+
+    from service import views
+
+    async def broken(conn, user_id):
+        raise asyncpg.exceptions.FeatureNotSupportedError("invalid UNION/INTERSECT/EXCEPT ORDER BY clause")
+
+    monkeypatch.setattr(views, "user_segments", broken)
+    resp = await http.get("/api/v1/users/1/segments")
+    assert resp.status == 500 and (await resp.json())["error"]["code"] == "INTERNAL"

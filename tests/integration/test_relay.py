@@ -1,0 +1,114 @@
+"""The outbox relay: order per key when a producer batch fails, no stall on a refused row, purge."""
+import asyncio
+import json
+from aiokafka.errors import RequestTimedOutError
+from aiokafka.producer import sender as aiokafka_sender
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from producers.relay import OutboxRelay
+from schemas.commands import CreateSegment
+from service import kafka
+from tests.conftest import wait_until
+from tests.harness import Stack, cid
+
+N = 3000
+
+
+async def test_a_failed_batch_does_not_reorder_a_users_events(conn, settings, monkeypatch):
+    # 3 000 events of user 1 (about 3 MB: several producer batches of the same partition), in seq order.
+    await conn.execute("""
+        INSERT INTO outbox (kind, key, payload, event_id)
+        SELECT 'membership', '1'::bytea, convert_to(json_build_object('n', g, 'pad', repeat('x', 1000))::text, 'UTF8'),
+               'e' || g FROM generate_series(1, $1) g""", N)
+
+    # What aiokafka does with a batch whose produce request timed out after the batch expired (request_timeout_ms,
+    # idempotence off, the default): batch.failure() -- and the partition is unmuted, so the next batch goes out.
+    original, calls = aiokafka_sender.SendProduceReqHandler.do, {"n": 0}
+
+    async def do(self, node_id):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            for batch in self._batches.values():
+                batch.failure(exception=RequestTimedOutError())
+            return
+        return await original(self, node_id)
+
+    monkeypatch.setattr(aiokafka_sender.SendProduceReqHandler, "do", do)
+
+    relay = OutboxRelay(settings)
+    task = asyncio.create_task(relay.run())
+    await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"), 60)
+    relay.stop(); await task
+
+    consumer = kafka.consumer(settings, group=None)
+    await consumer.start()
+    try:
+        tps = await kafka.assign_all(consumer, settings.membership_topic)
+        await consumer.seek_to_beginning(*tps)
+        seen, order = set(), []
+        while True:
+            batch = await consumer.getmany(timeout_ms=2000)
+            if not batch:
+                break
+            for recs in batch.values():
+                for r in recs:
+                    eid = dict(r.headers)["event_id"]
+                    if eid not in seen:           # the README's consumer: deduplicate by event_id
+                        seen.add(eid)
+                        order.append(json.loads(r.value)["n"])
+    finally:
+        await consumer.stop()
+    assert len(order) == N
+    first_bad = next((i for i in range(1, N) if order[i] < order[i - 1]), None)
+    print("first events seen:", order[:3], "... first inversion at index", first_bad,
+          order[first_bad - 1:first_bad + 1] if first_bad else None)
+    assert first_bad is None
+
+
+async def test_purge_keeps_up_with_published_rows(conn, settings):
+    # 120 000 rows published two hours ago: far past the 1 h retention.
+    await conn.execute("""
+        INSERT INTO outbox (kind, key, payload, event_id, published_at)
+        SELECT 'membership', 'k', 'v', g::text, now() - interval '2 hours' FROM generate_series(1, 120000) g""")
+    relay = OutboxRelay(settings, producer=object())   # nothing unpublished: the producer is never used
+    task = asyncio.create_task(relay.lead(conn))
+    await asyncio.sleep(3)                               # three passes of the loop at least
+    relay.stop(); await task
+    left = await conn.fetchval("SELECT count(*) FROM outbox")
+    assert left == 0
+
+
+async def test_a_refused_row_neither_floods_nor_stalls(conn, settings):
+    # One ordinary event, then a dead letter the producer refuses (key + value + headers > max_request_size).
+    await conn.execute("INSERT INTO outbox (kind, key, payload, event_id) VALUES ('membership', '1', '{\"n\": 1}', 'e1')")
+    await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id, headers)
+        VALUES ('dlq', convert_to(repeat('k', 148600), 'UTF8'), convert_to(repeat('x', 900000), 'UTF8'), 'e2',
+                '{"error.code": "INVALID_JSON", "error.message": "value is not JSON"}')""")
+    relay = OutboxRelay(settings)
+    task = asyncio.create_task(relay.run())
+    await asyncio.sleep(5)
+    relay.stop(); await task
+    consumer = kafka.consumer(settings, group=None)
+    await consumer.start()
+    try:
+        tps = await kafka.assign_all(consumer, settings.membership_topic)
+        await consumer.seek_to_beginning(*tps)
+        got = sum(len(v) for v in (await consumer.getmany(timeout_ms=2000)).values())
+    finally:
+        await consumer.stop()
+    unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    assert got == 1 and unpublished == 0
+
+
+LIMIT = 1048576  # aiokafka's default max_request_size (the relay does not change it)
+
+
+async def test_an_oversized_dead_letter_does_not_stall_the_relay(settings, caplog):
+    value = b"x" * 900_000                       # not JSON -> INVALID_JSON; exactly DLQ_MAX_BYTES, so not truncated
+    key_len = LIMIT - DefaultRecordBatchBuilder.estimate_size_in_bytes(b"", value, []) - 100
+    key = b"k" * key_len                         # the original record fits the limit with 100 bytes to spare
+    async with Stack(settings) as stack:
+        await stack.send_raw(value, key)         # accepted by the broker and consumed
+        await wait_until(lambda: stack.query("SELECT 1 FROM outbox WHERE kind = 'dlq'"), message="the dead letter")
+        # The dead letter is the same key and value plus ~250 bytes of headers: over the producer's limit.
+        result = await stack.request(CreateSegment(command_id=cid(), slug="AFTER_POISON"), timeout=20)
+        assert result["status"] == "applied"
