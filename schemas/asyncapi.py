@@ -21,7 +21,9 @@ from schemas.results import CommandResult
 
 COMMAND_MODELS = (CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership)
 EVENT_MODELS = (MembershipChanged, SegmentChanged, CommandResult)
-DLQ_ERROR_CODES = ("INVALID_JSON", "NOT_AN_OBJECT", "UNKNOWN_TYPE", "MISSING_COMMAND_ID", "INVALID_FIELDS")
+# What decoding finds wrong, and UNPROCESSABLE: a well-formed record the worker failed on (quarantined).
+DLQ_ERROR_CODES = ("INVALID_JSON", "NOT_AN_OBJECT", "UNKNOWN_TYPE", "MISSING_COMMAND_ID", "INVALID_FIELDS",
+                   "UNPROCESSABLE")
 KAFKA_BINDING = "0.5.0"
 
 _STRING = {"type": "string"}
@@ -42,6 +44,10 @@ DLQ_HEADERS = {
         "source.partition": {"type": "string", "pattern": "^[0-9]+$", "description": "its partition, decimal"},
         "source.offset": {"type": "string", "pattern": "^[0-9]+$", "description": "its offset, decimal"},
         "event_id": _STRING | {"description": "stable id of this dead letter, for deduplication"},
+        "error.truncated": {"type": "string", "pattern": "^[0-9]+$",
+                            "description": "present when the value was cut to fit: its original length in bytes"},
+        "error.key_truncated": {"type": "string", "pattern": "^[0-9]+$",
+                                "description": "present when the key was cut to fit: its original length in bytes"},
     },
     "required": ["error.code", "error.message", "source.topic", "source.partition", "source.offset", "event_id"],
 }
@@ -96,7 +102,9 @@ def document(settings: Any) -> dict:
     messages["SegmentChanged"] = _message(SegmentChanged, payload[SegmentChanged], SLUG_KEY, EVENT_ID_HEADERS)
     messages["DeadLetter"] = {
         "name": "DeadLetter", "title": "DeadLetter", "summary": "A message of the commands topic that is not a command",
-        "description": "The original value and key, untouched; the headers say why it was set aside.",
+        "description": "The original value and key, untouched unless too large to publish again (then cut, "
+                       "and the error.truncated / error.key_truncated headers give the original length); the "
+                       "headers say why it was set aside. A tombstone stays a tombstone.",
         "contentType": "application/octet-stream", "payload": {"type": "string", "description": "the original bytes"},
         "headers": DLQ_HEADERS,
         "bindings": {"kafka": {"key": {"type": ["string", "null"], "description": "the original key"},

@@ -35,7 +35,8 @@ Percent = Annotated[
     Decimal,
     Field(ge=0, le=100, max_digits=5, decimal_places=2, examples=[10, 12.5]),
     PlainSerializer(float, return_type=float),
-    WithJsonSchema({"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.01}),
+    # No "multipleOf": 0.01: with binary floats validators reject 0.07 and the like.
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": 100, "description": "percent, at most 2 decimals"}),
 ]
 
 

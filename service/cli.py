@@ -83,9 +83,10 @@ def migrate(create_database: bool = typer.Option(False, help="Create the databas
     settings = _settings()
 
     async def go() -> list[str]:
-        await db.wait_for(settings.database_url)
         if create_database:
-            await db.ensure_database(settings.database_url)
+            await db.ensure_database(settings.database_url)  # waits for the server itself
+        else:
+            await db.wait_for(settings.database_url)
         return await db.migrate(settings.database_url)
 
     applied = asyncio.run(go())

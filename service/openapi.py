@@ -32,13 +32,21 @@ def _error(description: str) -> dict:
     return _json("ErrorBody", description)
 
 
+# Every route that reads the database can also answer these (see service/api.py `observe`).
+_DATABASE_ERRORS = {"500": _error("INTERNAL: a query failed"),
+                    "503": _error("UNAVAILABLE: the database cannot be reached, try again")}
+
+
 def _param(name: str, where: str, schema: dict, required: bool = True, description: str = "") -> dict:
     return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
 
 
 _USER_ID = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+_READINESS = {"description": "ready", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"status": {"type": "string"},
+                                     "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}}}}
 _REPORT_PARAMS = [
-    _param("year", "query", {"type": "integer", "minimum": 1970, "maximum": 9999}),
+    _param("year", "query", {"type": "integer", "minimum": 1970, "maximum": 9998}),
     _param("month", "query", {"type": "integer", "minimum": 1, "maximum": 12}),
     _param("user_id", "query", _USER_ID, required=False, description="only this user's rows"),
 ]
@@ -67,7 +75,7 @@ def document() -> dict:
             "summary": "The stored result of a command", "operationId": "getCommandResult",
             "parameters": [_param("command_id", "path", {"type": "string", "minLength": 1, "maxLength": 128})],
             "responses": {ok: _json("CommandResult", "the result, as on the results topic"),
-                          missing: _error("unknown command id")}}},
+                          bad: _error("bad command id"), missing: _error("unknown command id")}}},
         "/api/v1/reports/history": {"get": {
             "summary": "A link to the month's history CSV", "operationId": "getHistoryReportLink",
             "parameters": _REPORT_PARAMS,
@@ -77,15 +85,28 @@ def document() -> dict:
             "operationId": "getHistoryReportCsv", "parameters": _REPORT_PARAMS,
             "responses": {ok: {"description": "user_id;segment;operation;timestamp;reason",
                                "content": {"text/csv": {"schema": {"type": "string"}}}},
-                          bad: _error("bad year or month")}}},
+                          bad: _error("bad year or month"),
+                          "503": _error("TOO_MANY_REPORTS (too many streaming now) or UNAVAILABLE; try again")}}},
         "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz",
                              "responses": {ok: {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness: PostgreSQL and Kafka reachable", "operationId": "readyz",
-                            "responses": {ok: {"description": "ready"}, "503": {"description": "not ready"}}}},
+                            "responses": {ok: _READINESS, "503": _READINESS | {"description": "not ready"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                  "responses": {ok: {"description": "OpenAPI 3.1",
+                                                     "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/asyncapi.json": {"get": {"summary": "The AsyncAPI 3.0 document of every topic", "operationId": "asyncapi",
+                                   "responses": {ok: {"description": "AsyncAPI 3.0",
+                                                      "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/docs": {"get": {"summary": "Swagger UI", "operationId": "docs",
+                          "responses": {ok: {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
                              "responses": {ok: {"description": "text format",
                                                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
+    for route in paths.values():  # database-backed routes: the two server errors
+        op = route["get"]
+        if op["operationId"] not in ("healthz", "readyz", "metrics", "openapi", "asyncapi", "docs"):
+            op["responses"] = _DATABASE_ERRORS | op["responses"]
     return {
         "openapi": "3.1.0",
         "info": {"title": "segmentation read API", "version": "1.0.0",

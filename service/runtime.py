@@ -9,8 +9,9 @@ from typing import Awaitable, Callable
 log = logging.getLogger("segmentation.runtime")
 
 
-async def run_until_signalled(main: Awaitable, stop: Callable[[], None], grace: float = 10.0) -> None:
-    """Run `main`; on SIGTERM or SIGINT call `stop()` and give it `grace` seconds to finish."""
+async def run_until_signalled(main: Awaitable, stop: Callable[[], None], grace: float = 7.0) -> None:
+    """Run `main`; on SIGTERM or SIGINT call `stop()` and give it `grace` seconds to finish. 7 s leaves room for
+    the clean-up after a cancellation inside the 10 s a container gets before SIGKILL."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(main)
     stopping = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from service import db, embedded, kafka
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A stopped run (CI's time limit, `timeout`) tears its servers down like Ctrl-C instead of leaking them.
+signal.signal(signal.SIGTERM, signal.default_int_handler)
 TEMPLATE = "segmentation_template"
 
 

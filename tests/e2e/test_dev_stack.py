@@ -108,12 +108,16 @@ def test_sigterm_stops_every_server_it_started_even_during_start_up(after, tmp_p
     env.pop("DATABASE_URL", None)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev"], env=env, cwd=ROOT)
-    deadline = time.monotonic() + 20
-    while not (_servers_on(port) and _postgres_under(str(tmp_path))) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(after)
-    proc.terminate()
-    assert proc.wait(30) == 0
+    try:
+        deadline = time.monotonic() + 20
+        while not (_servers_on(port) and _postgres_under(str(tmp_path))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(after)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     time.sleep(0.5)
     assert _servers_on(port) == []
     assert _postgres_under(str(tmp_path)) == []

@@ -135,6 +135,7 @@ async def test_two_workers_one_killed_mid_run(crash_settings):
             slugs, total = await _run_until_progress(stack)
             first.send_signal(signal.SIGKILL)
             first.wait(10)
+            assert await processed(stack) < total + 2, "the work was done before one worker was killed"
             await check_exactly_once(stack, slugs, total)
 
 

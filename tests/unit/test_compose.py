@@ -85,3 +85,10 @@ def test_environment_names_are_settings_fields(ours):
     fields = {name.upper() for name in Settings.model_fields}
     for name, service in ours.items():
         assert set(service["environment"]) <= fields, (name, set(service["environment"]) - fields)
+
+
+def test_background_processes_have_a_healthcheck_and_time_to_stop(compose):
+    services = compose["services"]
+    for name in ("worker", "relay", "ttl"):
+        assert services[name]["healthcheck"]["test"][-1].endswith('9100/metrics", timeout=3)')
+        assert services[name]["stop_grace_period"] == "15s"  # more than the 7 s the process gives its batch
