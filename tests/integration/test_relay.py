@@ -6,6 +6,7 @@ import asyncpg
 from aiokafka.errors import RequestTimedOutError
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from producers import leader
 from producers.relay import OutboxRelay
 from schemas.commands import CreateSegment
 from service import kafka
@@ -118,3 +119,45 @@ async def test_an_oversized_dead_letter_does_not_stall_the_relay(settings):
         # The dead letter is the same key and value plus ~250 bytes of headers: over the producer's limit.
         result = await stack.request(CreateSegment(command_id=cid(), slug="AFTER_POISON"), timeout=20)
         assert result["status"] == "applied"
+
+
+async def _insert_row(conn, event_id: str) -> None:
+    await conn.execute("INSERT INTO outbox (kind, key, payload, event_id) VALUES ('membership', '1', '{}', $1)",
+                       event_id)
+    await conn.execute("SELECT pg_notify('segmentation_outbox', '')")
+
+
+async def _published(conn, event_id: str) -> bool:
+    return await conn.fetchval("SELECT published_at IS NOT NULL FROM outbox WHERE event_id = $1", event_id)
+
+
+async def test_notify_wakes_the_relay_long_before_its_polling_fallback(conn, settings):
+    relay = OutboxRelay(settings.model_copy(update={"relay_poll_seconds": 60}))
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name LIKE 'segmentation-relay-%'"), 10)
+        await asyncio.sleep(0.5)  # it has made its first pass and sleeps (up to 60 s) until woken
+        await _insert_row(conn, "wake-me")
+        await wait_until(lambda: _published(conn, "wake-me"), 5, message="the NOTIFY wake-up")
+    finally:
+        relay.stop()
+        await task
+
+
+async def test_a_standby_relay_takes_over_when_the_active_one_dies(conn, settings):
+    relays = [OutboxRelay(settings), OutboxRelay(settings)]
+    tasks = [asyncio.create_task(r.run()) for r in relays]
+    try:
+        await _insert_row(conn, "first")
+        await wait_until(lambda: _published(conn, "first"), 10, message="the active relay")
+        # The active one's session dies as if its process had: PostgreSQL drops the lock with the connection.
+        await conn.execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objid = $1 "
+            "AND l.granted", leader.RELAY_LOCK)
+        await _insert_row(conn, "second")
+        await wait_until(lambda: _published(conn, "second"), 15, message="the standby taking over")
+    finally:
+        for r in relays:
+            r.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
