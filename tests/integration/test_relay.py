@@ -16,6 +16,20 @@ from tests.harness import Stack, cid
 N = 3000
 
 
+async def read_all(settings, topic: str) -> list:
+    """Every record of `topic`, from the beginning until nothing more comes for 2 s."""
+    consumer = kafka.consumer(settings, group=None)
+    await consumer.start()
+    try:
+        await consumer.seek_to_beginning(*await kafka.assign_all(consumer, topic))
+        records = []
+        while batch := await consumer.getmany(timeout_ms=2000):
+            records += [r for recs in batch.values() for r in recs]
+        return records
+    finally:
+        await consumer.stop()
+
+
 async def test_a_failed_batch_does_not_reorder_a_users_events(conn, settings, monkeypatch):
     # 3 000 events of user 1 (about 3 MB: several producer batches of the same partition), in seq order.
     await conn.execute("""
@@ -42,24 +56,12 @@ async def test_a_failed_batch_does_not_reorder_a_users_events(conn, settings, mo
     await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"), 60)
     relay.stop(); await task
 
-    consumer = kafka.consumer(settings, group=None)
-    await consumer.start()
-    try:
-        tps = await kafka.assign_all(consumer, settings.membership_topic)
-        await consumer.seek_to_beginning(*tps)
-        seen, order = set(), []
-        while True:
-            batch = await consumer.getmany(timeout_ms=2000)
-            if not batch:
-                break
-            for recs in batch.values():
-                for r in recs:
-                    eid = dict(r.headers)["event_id"]
-                    if eid not in seen:           # the README's consumer: deduplicate by event_id
-                        seen.add(eid)
-                        order.append(json.loads(r.value)["n"])
-    finally:
-        await consumer.stop()
+    seen, order = set(), []
+    for r in await read_all(settings, settings.membership_topic):
+        eid = dict(r.headers)["event_id"]
+        if eid not in seen:  # the README's consumer: deduplicate by event_id
+            seen.add(eid)
+            order.append(json.loads(r.value)["n"])
     assert len(order) == N
     assert order == sorted(order)  # after deduplication by event_id, the events of user 1 in order
 
@@ -94,14 +96,7 @@ async def test_a_refused_row_neither_floods_nor_stalls(conn, settings):
                      message="both rows handled")
     await asyncio.sleep(1)  # a relay stuck in a loop would publish e1 again meanwhile
     relay.stop(); await task
-    consumer = kafka.consumer(settings, group=None)
-    await consumer.start()
-    try:
-        tps = await kafka.assign_all(consumer, settings.membership_topic)
-        await consumer.seek_to_beginning(*tps)
-        got = sum(len(v) for v in (await consumer.getmany(timeout_ms=2000)).values())
-    finally:
-        await consumer.stop()
+    got = len(await read_all(settings, settings.membership_topic))
     unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
     assert got == 1 and unpublished == 0
 
