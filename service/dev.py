@@ -33,8 +33,10 @@ Ctrl-C stops everything.
 
 
 def run(workers: int = 1) -> int:
-    # SIGTERM behaves like Ctrl-C from the first instant, so the servers are stopped even during start-up.
+    # SIGTERM behaves like Ctrl-C from the first instant, so the servers are stopped even during start-up; and
+    # Ctrl-C works even where it was ignored when we started (a background job of a non-interactive shell).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = Settings()
     external_db = "DATABASE_URL" in os.environ
     external_kafka = "KAFKA_BOOTSTRAP_SERVERS" in os.environ

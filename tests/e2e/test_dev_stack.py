@@ -1,6 +1,7 @@
 """The `make run` stack as a user runs it: `segmentation dev`, a plain Kafka client, plain HTTP, the CLI."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,8 +99,8 @@ def _postgres_under(folder: str) -> list:
             if (p.info["cmdline"] or [""])[0].endswith("/postgres") and folder in " ".join(p.info["cmdline"])]
 
 
-@pytest.mark.parametrize("after", [0.5, 3.0])
-def test_sigterm_stops_every_server_it_started_even_during_start_up(after, tmp_path):
+@pytest.mark.parametrize("after, sig", [(0.5, signal.SIGTERM), (3.0, signal.SIGTERM), (3.0, signal.SIGINT)])
+def test_sigterm_stops_every_server_it_started_even_during_start_up(after, sig, tmp_path):
     from service.embedded import free_port
 
     port = free_port()
@@ -107,17 +108,23 @@ def test_sigterm_stops_every_server_it_started_even_during_start_up(after, tmp_p
                         "TMPDIR": str(tmp_path)}  # its PostgreSQL lives under tmp_path: we can tell it apart
     env.pop("DATABASE_URL", None)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev"], env=env, cwd=ROOT)
+    # Started as a background job of a non-interactive shell is: with SIGINT ignored.
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev"], env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 20
         while not (_servers_on(port) and _postgres_under(str(tmp_path))) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(after)
-        proc.terminate()
+        proc.send_signal(sig)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the signal under test did not stop it: SIGTERM does, servers included
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     time.sleep(0.5)
     assert _servers_on(port) == []
     assert _postgres_under(str(tmp_path)) == []
