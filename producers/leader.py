@@ -7,8 +7,12 @@ import os
 from typing import Awaitable, Callable
 
 import asyncpg
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
+
+from service import kafka
+from service.settings import Settings
 
 log = logging.getLogger("segmentation.leader")
 
@@ -72,3 +76,35 @@ async def wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
     except asyncio.TimeoutError:
         pass
+
+
+class LeaderLoop:
+    """A process of which one instance works at a time (the relay, the TTL producer): a Kafka producer for its
+    whole life, `lead(conn)` while it holds the lock. Subclasses set LOCK, NAME and ACTIVE and write `lead`."""
+
+    LOCK: int
+    NAME: str
+    ACTIVE: Gauge
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
+        self.settings = settings
+        self.producer = producer or kafka.producer(settings)
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.published = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    async def run(self) -> None:
+        await self.producer.start()
+        try:
+            await lead_while_holding(self.settings.database_url, self.LOCK, self.NAME, self.stopping, self.lead,
+                                     self.ACTIVE)
+        finally:
+            await self.producer.stop()  # flushes what is in flight
+            log.info(f"{self.NAME} stopped", extra={"published": self.published})
+
+    async def lead(self, conn: asyncpg.Connection) -> None:
+        raise NotImplementedError

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from producers import leader
-from service import kafka, metrics
+from service import metrics
 from service.settings import Settings
 
 log = logging.getLogger("segmentation.relay")
@@ -34,28 +34,13 @@ ROUND_BYTES = 1024 * 1024 - 64 * 1024
 BACKLOG = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 
 
-class OutboxRelay:
+class OutboxRelay(leader.LeaderLoop):
+    LOCK, NAME, ACTIVE = leader.RELAY_LOCK, "relay", metrics.RELAY_ACTIVE
+
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
-        self.settings = settings
-        self.producer = producer or kafka.producer(settings)
+        super().__init__(settings, producer)
         self.topics = {"membership": settings.membership_topic, "segment": settings.segment_topic,
                        "result": settings.results_topic, "dlq": settings.dlq_topic}
-        self.stopping = asyncio.Event()
-        self.wake = asyncio.Event()
-        self.published = 0
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    async def run(self) -> None:
-        await self.producer.start()
-        try:
-            await leader.lead_while_holding(self.settings.database_url, leader.RELAY_LOCK, "relay", self.stopping,
-                                            self.lead, metrics.RELAY_ACTIVE)
-        finally:
-            await self.producer.stop()  # flushes what is in flight
-            log.info("relay stopped", extra={"published": self.published})
 
     async def lead(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener("segmentation_outbox", lambda *_: self.wake.set())

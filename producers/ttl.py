@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from producers import leader
 from schemas.commands import ExpireMembership
 from schemas.common import format_time
-from service import kafka, metrics
+from service import metrics
 from service.settings import Settings
 
 log = logging.getLogger("segmentation.ttl")
@@ -38,28 +38,13 @@ def expiry_command_id(user_id: int, slug: str, expires_at: datetime) -> str:
     return f"expire:{user_id}:{digest}"
 
 
-class TtlProducer:
+class TtlProducer(leader.LeaderLoop):
+    LOCK, NAME, ACTIVE = leader.TTL_LOCK, "ttl producer", metrics.TTL_ACTIVE
+
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
-        self.settings = settings
-        self.producer = producer or kafka.producer(settings)
-        self.stopping = asyncio.Event()
-        self.wake = asyncio.Event()
+        super().__init__(settings, producer)
         self.next_due: datetime | None = None
-        self.published = 0
         self.recent: dict[str, datetime] = {}  # command id -> when the broker acknowledged it
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    async def run(self) -> None:
-        await self.producer.start()
-        try:
-            await leader.lead_while_holding(self.settings.database_url, leader.TTL_LOCK, "ttl producer",
-                                            self.stopping, self.lead, metrics.TTL_ACTIVE)
-        finally:
-            await self.producer.stop()
-            log.info("ttl producer stopped", extra={"published": self.published})
 
     def on_notify(self, _conn, _pid, _channel, payload: str) -> None:
         """A worker set an expiry: wake early if it is sooner than the planned wake-up."""

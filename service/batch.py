@@ -97,7 +97,7 @@ class BatchProcessor:
 
     async def _part(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport) -> None:
         try:
-            await self._apply_in_transaction(conn, items, report, self._apply)
+            await self._apply_in_transaction(conn, items, report, _Part.apply)
         except _FATAL:
             raise
         except Exception as exc:  # whatever a record's content breaks, the partition goes on
@@ -117,10 +117,6 @@ class BatchProcessor:
                 part.report.dead_letters += 1
 
             await self._apply_in_transaction(conn, items, report, quarantine)
-
-    @staticmethod
-    async def _apply(part: "_Part", fresh: list[Decoded]) -> None:
-        await part.apply(fresh)
 
     async def _apply_in_transaction(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport,
                                     work: Callable) -> None:

@@ -11,10 +11,6 @@ log = logging.getLogger("segmentation.db")
 MIGRATION_LOCK = 7_361_001  # advisory lock: one migrator at a time
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(url)
-
-
 async def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
 

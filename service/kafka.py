@@ -100,8 +100,9 @@ async def create_topics(settings: Settings) -> list[str]:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        plan = topic_plan(settings)
         wanted = [NewTopic(name, partitions, settings.replication_factor)
-                  for name, partitions in topic_plan(settings).items() if name not in existing]
+                  for name, partitions in plan.items() if name not in existing]
         created = []
         if wanted:
             # The answer carries an error code per topic; nothing is raised for them.
@@ -110,7 +111,7 @@ async def create_topics(settings: Settings) -> list[str]:
             for name, code, *message in response.topic_errors:
                 if code == 0:
                     created.append(name)
-                    log.info("topic created", extra={"topic": name, "partitions": topic_plan(settings)[name]})
+                    log.info("topic created", extra={"topic": name, "partitions": plan[name]})
                 elif code != TOPIC_ALREADY_EXISTS:
                     refused.append(f"{name}: error {code} {message[0] if message else ''}".strip())
             if refused:
