@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.dev import child_stack as dev_stack  # noqa: E402,F401
+from service.dev.supervisor import child_stack as dev_stack  # noqa: E402,F401
 
 
 def percentile(values: list[float], p: float) -> float:

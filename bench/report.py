@@ -22,7 +22,8 @@ import asyncpg
 import psutil
 
 import common  # noqa: F401  (puts the project on sys.path)
-from service import db, embedded
+from service.infra import db
+from service.dev import embedded
 
 YEAR, MONTH = 2024, 3
 # $1 rows, $2 first instant, $3 span: rows spread evenly over [$2, $2 + $3), 20 slugs, alternating operations.

@@ -8,7 +8,7 @@ import time
 from aiokafka import AIOKafkaConsumer
 
 from common import dumps
-from service import kafka
+from service.infra import kafka
 
 # The bench consumer's own fetch wait: small, so that what is measured is the service, not the bench's polling.
 FETCH_WAIT_MS = 20

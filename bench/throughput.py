@@ -18,7 +18,7 @@ from common import dev_stack, dumps, percentile
 from streams import tail
 from producers.publisher import CommandClient
 from schemas.commands import CreateSegment
-from service import kafka
+from service.infra import kafka
 
 
 async def run(settings, commands: int, probes: int, rate: int) -> None:

@@ -9,10 +9,13 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from service import db, kafka, metrics, sql
-from service.batch import BatchProcessor, BatchReport
-from service.decoding import InboundRecord
-from service.settings import Settings
+from service.infra import db
+from service.infra import kafka
+from service.infra import metrics
+from service.write import sql
+from service.write.batch import BatchProcessor, BatchReport
+from service.write.decoding import InboundRecord
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.worker")
 
@@ -144,7 +147,7 @@ class CommandWorker:
 
 async def main(settings: Settings) -> None:
     """`segmentation worker`: run until SIGTERM or Ctrl-C."""
-    from service.runtime import run_until_signalled
+    from service.infra.runtime import run_until_signalled
 
     await db.wait_for(settings.database_url)
     pool = await db.create_pool(settings.database_url, 1, 3)

@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 
-from service import kafka
-from service.settings import Settings
+from service.infra import kafka
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.leader")
 

@@ -7,8 +7,8 @@ import json
 from aiokafka import AIOKafkaConsumer
 
 from schemas.commands import Command, command_key
-from service import kafka
-from service.settings import Settings
+from service.infra import kafka
+from service.infra.settings import Settings
 
 
 class CommandClient:

@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from producers import leader
-from service import metrics
-from service.settings import Settings
+from service.infra import metrics
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.relay")
 
@@ -113,7 +113,7 @@ async def _all_acknowledged(futures: list[asyncio.Future]) -> None:
 
 async def main(settings: Settings) -> None:
     """`segmentation relay`: run until SIGTERM or Ctrl-C."""
-    from service.runtime import run_until_signalled
+    from service.infra.runtime import run_until_signalled
 
     relay = OutboxRelay(settings)
     await run_until_signalled(relay.run(), relay.stop)

@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaProducer
 from producers import leader
 from schemas.commands import ExpireMembership
 from schemas.common import format_time
-from service import metrics
-from service.settings import Settings
+from service.infra import metrics
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.ttl")
 
@@ -118,7 +118,7 @@ class TtlProducer(leader.LeaderLoop):
 
 async def main(settings: Settings) -> None:
     """`segmentation ttl`: run until SIGTERM or Ctrl-C."""
-    from service.runtime import run_until_signalled
+    from service.infra.runtime import run_until_signalled
 
     ttl = TtlProducer(settings)
     await run_until_signalled(ttl.run(), ttl.stop)

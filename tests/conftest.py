@@ -1,26 +1,22 @@
 """Real servers for the suite: one embedded PostgreSQL and one broker per session; never skipped.
 
 Databases are copied from a migrated template; topic names and consumer groups are fresh per stack.
+Helpers live in tests/support/; nothing imports this file.
 """
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import uuid
-from pathlib import Path
 
 import asyncpg
 import pytest
 
-from service import db, embedded, kafka
-from service.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from service.dev import embedded
+from service.infra import db, kafka
+from service.infra.settings import Settings
+from tests.support.helpers import TEMPLATE, db_url, fast_settings, new_database
 
 # A stopped run (CI's time limit, `timeout`) tears its servers down like Ctrl-C instead of leaking them.
 signal.signal(signal.SIGTERM, signal.default_int_handler)
-TEMPLATE = "segmentation_template"
 
 
 @pytest.fixture(scope="session")
@@ -37,27 +33,12 @@ def broker_bootstrap():
         yield bootstrap
 
 
-def _db_url(admin: str, name: str) -> str:
-    return admin.replace("/postgres?", f"/{name}?", 1)
-
-
 @pytest.fixture(scope="session")
 async def template_db(pg_admin_url) -> str:
-    url = _db_url(pg_admin_url, TEMPLATE)
+    url = db_url(pg_admin_url, TEMPLATE)
     await db.ensure_database(url)
     await db.migrate(url)
     return TEMPLATE
-
-
-async def new_database(admin_url: str) -> str:
-    """A fresh database copied from the migrated template."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    finally:
-        await conn.close()
-    return _db_url(admin_url, name)
 
 
 @pytest.fixture
@@ -72,40 +53,8 @@ async def conn(database_url):
     await c.close()
 
 
-def fast_settings(database_url: str, bootstrap: str, **overrides) -> Settings:
-    """Settings with fresh topic names and group, and short group timeouts (the broker's rebalance is slow)."""
-    tag = uuid.uuid4().hex[:8]
-    values = dict(
-        database_url=database_url, kafka_bootstrap_servers=bootstrap,
-        commands_topic=f"cmd-{tag}", dlq_topic=f"dlq-{tag}", results_topic=f"res-{tag}",
-        membership_topic=f"mem-{tag}", segment_topic=f"seg-{tag}", consumer_group=f"g-{tag}",
-        commands_partitions=4, events_partitions=4,
-        kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300, kafka_rebalance_timeout_ms=2000,
-        relay_poll_seconds=0.2, worker_poll_ms=100, log_format="text",
-    )
-    return Settings(**(values | overrides))
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process see `settings`."""
-    env = {k.upper(): str(v) for k, v in settings.model_dump().items() if v is not None}
-    return os.environ | env | {"PYTHONPATH": str(ROOT)}
-
-
 @pytest.fixture
 async def settings(database_url, broker_bootstrap) -> Settings:
     s = fast_settings(database_url, broker_bootstrap)
     await kafka.create_topics(s)
     return s
-
-
-async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
-    """Poll an async predicate until it returns a truthy value."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        await asyncio.sleep(interval)

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from service.settings import Settings
+from service.infra.settings import Settings
 
 app = typer.Typer(help="segmentation: commands in through Kafka, memberships in PostgreSQL, events out.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -22,7 +22,7 @@ app.add_typer(send_app, name="send")
 
 
 def _settings() -> Settings:
-    from service import logs
+    from service.infra import logs
 
     settings = Settings()
     logs.setup(settings.log_level, settings.log_format)
@@ -36,7 +36,7 @@ def _new_id() -> str:
 # ---- processes ----------------------------------------------------------------------------------------
 
 def _run_with_metrics(main) -> None:
-    from service import metrics
+    from service.infra import metrics
 
     settings = _settings()
     metrics.serve(settings.metrics_port)
@@ -70,7 +70,7 @@ def ttl() -> None:
 @app.command()
 def api() -> None:
     """Run the read-only HTTP API (metrics at /metrics)."""
-    from service.api import main
+    from service.read.api import main
 
     asyncio.run(main(_settings()))
 
@@ -78,7 +78,7 @@ def api() -> None:
 @app.command()
 def migrate(create_database: bool = typer.Option(False, help="Create the database first if it is missing.")) -> None:
     """Apply the database migrations."""
-    from service import db
+    from service.infra import db
 
     settings = _settings()
 
@@ -96,7 +96,7 @@ def migrate(create_database: bool = typer.Option(False, help="Create the databas
 @app.command()
 def topics() -> None:
     """Create the service's Kafka topics (those missing)."""
-    from service import kafka
+    from service.infra import kafka
 
     created = asyncio.run(kafka.create_topics(_settings()))
     typer.echo(f"topics created: {', '.join(created) or 'none (all exist)'}")
@@ -105,7 +105,7 @@ def topics() -> None:
 @app.command()
 def dev(workers: int = typer.Option(1, min=1, help="Worker processes to start.")) -> None:
     """Everything on one machine: embedded PostgreSQL and broker, topics, migrations, all processes."""
-    from service import dev as dev_stack
+    from service.dev import supervisor as dev_stack
 
     os.environ.setdefault("LOG_FORMAT", "text")  # a person reads these logs; the processes inherit it
     _settings()
@@ -243,7 +243,7 @@ def watch(
     limit: int = typer.Option(0, help="Stop after this many messages (0: never)."),
 ) -> None:
     """Print events as they arrive, one JSON line each."""
-    from service import kafka
+    from service.infra import kafka
 
     settings = Settings()
     names = {"membership": settings.membership_topic, "segment": settings.segment_topic,
@@ -290,7 +290,7 @@ def report(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write (default: stdout)."),
 ) -> None:
     """Write a month's membership history CSV (streamed from the API)."""
-    from service.report_client import download
+    from service.cli.report_client import download
 
     year, _, mon = month.partition("-")
     if not (year.isdigit() and mon.isdigit() and 1 <= int(mon) <= 12):
@@ -300,6 +300,3 @@ def report(
     base = api_url or f"http://{settings.http_host}:{settings.http_port}"
     raise typer.Exit(asyncio.run(download(base, int(year), int(mon), user, output)))
 
-
-if __name__ == "__main__":
-    app()

@@ -11,8 +11,10 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 
-from service import db, embedded, kafka
-from service.settings import Settings
+from service.infra import db
+from service.dev import embedded
+from service.infra import kafka
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.dev")
 PROCESSES = ("worker", "relay", "ttl", "api")

@@ -33,7 +33,7 @@ async def wait_for(url: str, timeout: float = 60.0) -> None:
 
 
 def migration_files() -> list[tuple[str, str]]:
-    folder = resources.files("service") / "migrations"
+    folder = resources.files("service.infra") / "migrations"
     files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
     return [(p.name, p.read_text()) for p in files]
 

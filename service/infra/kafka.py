@@ -8,7 +8,7 @@ import ssl
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from service.settings import Settings
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.kafka")
 

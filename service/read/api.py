@@ -13,8 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.common import MAX_USER_ID, SLUG_PATTERN
 from schemas.http import ErrorBody, ReportLink, SegmentInfo, SegmentList, UserSegment, UserSegments
-from service import db, metrics, openapi, views
-from service.settings import Settings
+from service.infra import db
+from service.infra import metrics
+from schemas import openapi
+from service.read import views
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.api")
 
@@ -227,7 +230,7 @@ def create_app(settings: Settings) -> web.Application:
 
 async def main(settings: Settings) -> None:
     """`segmentation api`: serve until SIGTERM or Ctrl-C."""
-    from service.runtime import run_until_signalled
+    from service.infra.runtime import run_until_signalled
 
     await db.wait_for(settings.database_url)
     runner = web.AppRunner(create_app(settings), access_log=None)

@@ -19,11 +19,13 @@ from schemas.commands import (
     UpdateUserSegments,
 )
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
-from service import segment_handlers, sql, user_handlers
-from service.decoding import Decoded, InboundRecord, decode, printable
+from service.write import segment_handlers
+from service.write import sql
+from service.write import user_handlers
+from service.write.decoding import Decoded, InboundRecord, decode, printable
 from service.domain import CommandRejectedError, NotDueYetError, Segment
-from service.unit_of_work import OutboxRow, UnitOfWork, result_row, segment_event
-from service.user_handlers import RunContext
+from service.write.change_set import OutboxRow, UnitOfWork, result_row, segment_event
+from service.write.user_handlers import RunContext
 
 log = logging.getLogger("segmentation.worker")
 

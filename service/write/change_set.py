@@ -11,7 +11,7 @@ import asyncpg
 from schemas.common import format_time
 from schemas.events import SegmentChanged
 from schemas.results import CommandResult
-from service import sql
+from service.write import sql
 from service.domain import Change, Membership, UserState
 
 

@@ -14,10 +14,10 @@ from schemas.commands import CreateSegment, DeleteSegment, UpdateSegment
 from schemas.common import format_time
 from schemas.events import SegmentChanged
 from schemas.results import ErrorCode
-from service import sql
+from service.write import sql
 from service.bucket import segment_salt, threshold
 from service.domain import CommandRejectedError
-from service.unit_of_work import UnitOfWork
+from service.write.change_set import UnitOfWork
 
 
 def _segment_changed(change: str, slug: str, description, percent, now: datetime, command_id: str) -> SegmentChanged:

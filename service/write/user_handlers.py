@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from schemas.commands import ExpireMembership, RegisterUsers, UpdateUserSegments
 from service import domain
 from service.domain import Outcome, Segment
-from service.unit_of_work import UnitOfWork
+from service.write.change_set import UnitOfWork
 
 
 @dataclass

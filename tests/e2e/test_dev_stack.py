@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.dev import child_stack
-from tests.conftest import ROOT, wait_until
+from service.dev.supervisor import child_stack
+from tests.support.helpers import ROOT, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def _postgres_under(folder: str) -> list:
 
 @pytest.mark.parametrize("after, sig", [(0.5, signal.SIGTERM), (3.0, signal.SIGTERM), (3.0, signal.SIGINT)])
 def test_sigterm_stops_every_server_it_started_even_during_start_up(after, sig, tmp_path):
-    from service.embedded import free_port
+    from service.dev.embedded import free_port
 
     port = free_port()
     env = os.environ | {"DEV_KAFKA_PORT": str(port), "HTTP_PORT": str(free_port()), "LOG_LEVEL": "WARNING",
@@ -131,7 +131,7 @@ def test_sigterm_stops_every_server_it_started_even_during_start_up(after, sig, 
 
 
 def test_cli_exit_codes_for_bad_input_and_no_broker():
-    from service.embedded import free_port
+    from service.dev.embedded import free_port
 
     env = os.environ | {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
     bad = subprocess.run([sys.executable, "-m", "service.cli", "send", "update-user", "1", "--add", "A@soon"],

@@ -3,9 +3,9 @@ from datetime import timedelta
 
 import pytest
 
-from service.decoding import InboundRecord
+from service.write.decoding import InboundRecord
 
-from tests.integration.batch_helpers import Feeder, create, update_user
+from tests.support.batch import Feeder, create, update_user
 
 
 async def test_rejection_codes(conn):
@@ -224,7 +224,7 @@ async def test_an_early_expiry_sent_twice_in_one_batch(conn):
 async def test_counts_survive_a_retry_after_a_partly_committed_batch(conn, monkeypatch):
     import asyncpg
 
-    from service import batch as batch_module
+    from service.write import batch as batch_module
 
     f = Feeder(conn)
     records = [f.record(update_user("a", 1)), f.record(create("B")), f.record(update_user("b", 2))]
@@ -248,7 +248,7 @@ async def test_counts_survive_a_retry_after_a_partly_committed_batch(conn, monke
 async def test_a_run_redone_record_by_record_is_counted_once(conn, monkeypatch):
     import asyncpg
 
-    from service.unit_of_work import UnitOfWork
+    from service.write.change_set import UnitOfWork
 
     f = Feeder(conn)
     await f.apply(create("A"))
@@ -268,7 +268,7 @@ async def test_a_run_redone_record_by_record_is_counted_once(conn, monkeypatch):
 
 
 async def test_a_record_that_breaks_the_worker_is_quarantined_and_the_partition_goes_on(conn, monkeypatch):
-    from service import user_handlers
+    from service.write import user_handlers
 
     f = Feeder(conn)
     await f.apply(create("A"))

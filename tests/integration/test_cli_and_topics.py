@@ -5,8 +5,8 @@ import sys
 import pytest
 from aiokafka.protocol.admin import CreateTopicsResponse_v3
 
-from service import kafka
-from tests.conftest import ROOT, fast_settings, settings_env
+from service.infra import kafka
+from tests.support.helpers import ROOT, fast_settings, settings_env
 
 
 async def test_create_topics_fails_when_kafka_refuses_a_topic(monkeypatch, broker_bootstrap, database_url):

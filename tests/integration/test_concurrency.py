@@ -5,8 +5,9 @@ import asyncio
 import asyncpg
 import pytest
 
-from service import batch as batch_module, views
-from tests.integration.batch_helpers import Feeder, create, update_user
+from service.write import batch as batch_module
+from service.read import views
+from tests.support.batch import Feeder, create, update_user
 
 
 @pytest.fixture

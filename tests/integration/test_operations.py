@@ -10,9 +10,9 @@ from prometheus_client import REGISTRY
 
 from producers import leader
 from schemas import CreateSegment, UpdateUserSegments
-from service.api import create_app
-from tests.conftest import ROOT, fast_settings, new_database, settings_env, wait_until
-from tests.harness import Stack, cid
+from service.read.api import create_app
+from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
+from tests.support.harness import Stack, cid
 
 
 def sample(name: str, **labels) -> float:
@@ -102,7 +102,7 @@ async def test_ttl_producer_failover(pg_admin_url, template_db, broker_bootstrap
 
 
 async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, template_db, broker_bootstrap, tmp_path):
-    from tests.pgproxy import PgProxy
+    from tests.support.pgproxy import PgProxy
 
     proxy = PgProxy(await new_database(pg_admin_url), tmp_path)
     await proxy.restore()
@@ -160,8 +160,8 @@ async def test_an_expiry_the_broker_did_not_take_is_sent_again(conn, database_ur
     from aiokafka.errors import KafkaTimeoutError
 
     from producers.ttl import EPOCH, TtlProducer
-    from service.settings import Settings
-    from tests.integration.batch_helpers import Feeder, create, update_user
+    from service.infra.settings import Settings
+    from tests.support.batch import Feeder, create, update_user
 
     f = Feeder(conn)
     await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 1}]))

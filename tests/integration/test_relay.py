@@ -9,9 +9,9 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from producers import leader
 from producers.relay import OutboxRelay
 from schemas.commands import CreateSegment
-from service import kafka
-from tests.conftest import wait_until
-from tests.harness import Stack, cid
+from service.infra import kafka
+from tests.support.helpers import wait_until
+from tests.support.harness import Stack, cid
 
 N = 3000
 

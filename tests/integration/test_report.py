@@ -4,9 +4,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.api import create_app
-from service.settings import Settings
-from tests.integration.batch_helpers import Feeder, create, update_user
+from service.read.api import create_app
+from service.infra.settings import Settings
+from tests.support.batch import Feeder, create, update_user
 
 NOV = datetime(2026, 11, 3, 10, 0, tzinfo=timezone.utc)
 
@@ -65,7 +65,7 @@ async def test_the_link_points_at_the_csv(http):
 
 
 async def test_the_month_is_the_utc_month_whatever_the_servers_time_zone(conn):
-    from service import views
+    from service.read import views
 
     await conn.execute("SET TimeZone = 'America/New_York'")
     await conn.execute(
@@ -113,7 +113,7 @@ async def test_slow_report_readers_do_not_starve_the_read_api(conn, database_url
 async def test_a_failing_query_is_a_500_not_a_503(http, monkeypatch):
     import asyncpg
 
-    from service import views
+    from service.read import views
 
     async def broken(conn, user_id):
         raise asyncpg.exceptions.FeatureNotSupportedError("invalid UNION/INTERSECT/EXCEPT ORDER BY clause")

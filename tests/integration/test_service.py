@@ -6,9 +6,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from schemas import CreateSegment, DeleteSegment, UpdateUserSegments
-from service.api import create_app
-from tests.conftest import fast_settings, new_database, wait_until
-from tests.harness import Stack, cid
+from service.read.api import create_app
+from tests.support.helpers import fast_settings, new_database, wait_until
+from tests.support.harness import Stack, cid
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ async def _removed(stack, user, s):
 
 
 async def test_readyz_is_503_while_kafka_is_unreachable(stack):
-    from service.embedded import free_port
+    from service.dev.embedded import free_port
 
     settings = stack.settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
     client = TestClient(TestServer(create_app(settings)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from service.batch import BatchProcessor
-from service.decoding import InboundRecord
+from service.write.batch import BatchProcessor
+from service.write.decoding import InboundRecord
 
 
 class Feeder:

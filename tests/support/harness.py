@@ -12,8 +12,9 @@ from consumers.worker import CommandWorker
 from producers.publisher import CommandClient
 from producers.relay import OutboxRelay
 from producers.ttl import TtlProducer
-from service import db, kafka
-from service.settings import Settings
+from service.infra import db
+from service.infra import kafka
+from service.infra.settings import Settings
 
 
 class Collector:

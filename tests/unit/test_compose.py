@@ -8,7 +8,7 @@ import typer
 import yaml
 from jsonschema import Draft7Validator
 
-from service.cli import app
+from service.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"  # the Compose Specification's JSON schema
@@ -80,7 +80,7 @@ def test_scaling_and_kafka_producer_settings(ours):
 
 
 def test_environment_names_are_settings_fields(ours):
-    from service.settings import Settings
+    from service.infra.settings import Settings
 
     fields = {name.upper() for name in Settings.model_fields}
     for name, service in ours.items():

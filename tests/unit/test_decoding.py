@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from service.decoding import InboundRecord, body_hash, decode
+from service.write.decoding import InboundRecord, body_hash, decode
 
 
 def rec(value: bytes) -> InboundRecord:

@@ -18,8 +18,8 @@ from schemas import (
 from schemas import topics
 from schemas.asyncapi import COMMAND_MODELS, DLQ_ERROR_CODES, document
 from schemas.export import export
-from service import openapi
-from service.decoding import InboundRecord, decode
+from schemas import openapi
+from service.write.decoding import InboundRecord, decode
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -136,7 +136,7 @@ def test_dead_letter_codes_are_those_the_worker_writes():
            b'{"type": "DeleteSegment", "command_id": "x", "slug": "no spaces"}']
     codes = {decode(InboundRecord("t", 0, i, None, value)).error_code for i, value in enumerate(bad)}
     assert codes | {"UNPROCESSABLE"} == set(DLQ_ERROR_CODES)  # UNPROCESSABLE: tests/integration/test_batch.py
-    assert (Path(__file__).parents[2] / "service" / "batch.py").read_text().count('"UNPROCESSABLE"') == 1
+    assert (Path(__file__).parents[2] / "service" / "write" / "batch.py").read_text().count('"UNPROCESSABLE"') == 1
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: type(s).__name__)

@@ -6,10 +6,10 @@ from decimal import Decimal
 import pytest
 
 from schemas.commands import ExpireMembership, RegisterUsers, UpdateUserSegments
-from service import user_handlers
+from service.write import user_handlers
 from service.domain import CommandRejectedError, Membership, Segment, UserState
-from service.unit_of_work import UnitOfWork
-from service.user_handlers import RunContext
+from service.write.change_set import UnitOfWork
+from service.write.user_handlers import RunContext
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 A = Segment(1, "A", "A:1")

@@ -1,8 +1,8 @@
 """Settings: Kafka security options, and the README's settings table stays complete."""
 from pathlib import Path
 
-from service.kafka import client_options, producer_options
-from service.settings import Settings
+from service.infra.kafka import client_options, producer_options
+from service.infra.settings import Settings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

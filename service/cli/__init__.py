@@ -1,0 +1,1 @@
+"""The `segmentation` command line; the only package that wires consumers and producers together."""

@@ -1,0 +1,1 @@
+"""Infrastructure: settings, PostgreSQL, Kafka clients, logs, metrics, process runtime, error classes."""

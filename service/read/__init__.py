@@ -1,0 +1,1 @@
+"""The read API (aiohttp, GET only) and its SQL views."""

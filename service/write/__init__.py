@@ -1,0 +1,1 @@
+"""The command side: decode a batch of commands, apply it in one transaction, buffer the outbox."""
