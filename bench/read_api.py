@@ -14,7 +14,6 @@ import time
 import uuid
 
 import aiohttp
-
 from common import dev_stack, percentile
 from streams import run_commands
 

@@ -15,15 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
+import common  # noqa: F401  (puts the project on sys.path)
 import psutil
 
-import common  # noqa: F401  (puts the project on sys.path)
-from service.infra import db
 from service.dev import embedded
+from service.infra import db
 
 YEAR, MONTH = 2024, 3
 # $1 rows, $2 first instant, $3 span: rows spread evenly over [$2, $2 + $3), 20 slugs, alternating operations.
@@ -44,7 +44,7 @@ async def seed(url: str, rows: int) -> float:
     conn = await asyncpg.connect(url)
     try:
         for n, month, days in ((rows, 3, 31), (rows // 10, 2, 29), (rows // 10, 4, 30)):  # 2 and 4: left out
-            await conn.execute(SEED, n, datetime(YEAR, month, 1, tzinfo=timezone.utc), timedelta(days=days))
+            await conn.execute(SEED, n, datetime(YEAR, month, 1, tzinfo=UTC), timedelta(days=days))
         await conn.execute("VACUUM ANALYZE membership_history")
     finally:
         await conn.close()

@@ -15,8 +15,9 @@ import time
 import uuid
 
 from common import dev_stack
-from service.bucket import bucket, segment_salt
 from streams import run_commands, tail
+
+from service.bucket import bucket, segment_salt
 
 CHUNK = 10_000
 

@@ -6,8 +6,8 @@ import json
 import time
 
 from aiokafka import AIOKafkaConsumer
-
 from common import dumps
+
 from service.infra import kafka
 
 # The bench consumer's own fetch wait: small, so that what is measured is the service, not the bench's polling.

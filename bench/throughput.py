@@ -13,9 +13,9 @@ import time
 import uuid
 
 import aiohttp
-
 from common import dev_stack, dumps, percentile
 from streams import tail
+
 from producers.publisher import CommandClient
 from schemas.commands import CreateSegment
 from service.infra import kafka

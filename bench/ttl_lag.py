@@ -13,11 +13,12 @@ import asyncio
 import json
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from common import dev_stack, percentile
-from schemas.common import format_time
 from streams import run_commands, tail
+
+from schemas.common import format_time
 
 
 async def run(settings, users: int, lead: float, timeout: float) -> None:
@@ -26,7 +27,7 @@ async def run(settings, users: int, lead: float, timeout: float) -> None:
     create = {"type": "CreateSegment", "command_id": f"{run_id}-seg", "slug": slug}
     await run_commands(settings, [(slug.encode(), create)])
     events = await tail(settings, settings.membership_topic)
-    expires = (datetime.now(timezone.utc) + timedelta(seconds=lead)).replace(microsecond=0) + timedelta(seconds=1)
+    expires = (datetime.now(UTC) + timedelta(seconds=lead)).replace(microsecond=0) + timedelta(seconds=1)
     stamp = format_time(expires)
     commands = [(str(u).encode(), {"type": "UpdateUserSegments", "command_id": f"{run_id}-{u}", "user_id": u,
                                    "add": [{"slug": slug, "expires_at": stamp}]})

@@ -9,13 +9,11 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from service.infra import db
-from service.infra import kafka
-from service.infra import metrics
+from service.infra import db, kafka, metrics
+from service.infra.settings import Settings
 from service.write import sql
 from service.write.batch import BatchProcessor, BatchReport
 from service.write.decoding import InboundRecord
-from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.worker")
 
@@ -23,7 +21,7 @@ log = logging.getLogger("segmentation.worker")
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
     """On assignment, start where PostgreSQL says; on revocation, let the batch in hand finish first."""
 
-    def __init__(self, worker: "CommandWorker"):
+    def __init__(self, worker: CommandWorker):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked):
@@ -101,7 +99,7 @@ class CommandWorker:
         metrics.BATCH_SIZE.observe(len(records))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         now_ms = time.time() * 1000
-        for tp, recs in batch.items():
+        for recs in batch.values():
             metrics.COMMAND_LATENCY.observe(max(0.0, (now_ms - recs[-1].timestamp) / 1000))
         offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
         try:
@@ -121,7 +119,7 @@ class CommandWorker:
                 async with self.pool.acquire() as conn:
                     await self.processor.process(conn, records, report)
                     return True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 metrics.BATCH_RETRIES.inc()
                 log.warning("batch failed, retrying", extra={
                     "from": records[0].position, "to": records[-1].position, "error": repr(exc), "retry_in": delay})

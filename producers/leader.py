@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -43,7 +43,7 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
                     log.info(f"{name} is on standby: another instance holds the lock", extra={"lock": lock_id})
                     announced = True
                 await wait(stopping, retry_seconds)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning(f"{name}: cannot reach PostgreSQL", extra={"error": repr(exc)})
             await wait(stopping, retry_seconds)
         if conn is not None:
@@ -74,7 +74,7 @@ async def wait(event: asyncio.Event, seconds: float) -> None:
     """Wait for `event` at most `seconds`."""
     try:
         await asyncio.wait_for(event.wait(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 

@@ -21,7 +21,7 @@ class CommandClient:
         self.pending: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "CommandClient":
+    async def __aenter__(self) -> CommandClient:
         try:
             await self.producer.start()
         except BaseException:
@@ -47,6 +47,7 @@ class CommandClient:
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
+        assert self.results is not None  # set by start()
         async for msg in self.results:
             try:
                 result = json.loads(msg.value)

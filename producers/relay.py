@@ -5,7 +5,7 @@ import asyncio
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -60,8 +60,8 @@ class OutboxRelay(leader.LeaderLoop):
 
     async def purge(self, conn: asyncpg.Connection) -> None:
         """Delete published rows past retention, in slices, until none is left (keeps up with any load)."""
-        while (await conn.execute(PURGE, float(self.settings.outbox_retention_seconds))) == f"DELETE {PURGE_SLICE}":
-            await asyncio.sleep(0)
+        while (await conn.execute(PURGE, float(self.settings.outbox_retention_seconds))) == f"DELETE {PURGE_SLICE}":  # noqa: ASYNC110 - slices; the sleep only yields
+            await asyncio.sleep(0)  
 
     async def publish_batch(self, conn: asyncpg.Connection) -> int:
         """Claim, publish and mark one batch; on any failure the transaction rolls back and rows stay.
@@ -96,7 +96,7 @@ class OutboxRelay(leader.LeaderLoop):
                 round_bytes += size
             await _all_acknowledged(round_futures)  # every row acknowledged before it is marked
             await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for r in rows:
             metrics.PUBLISH_LATENCY.observe((now - r["created_at"]).total_seconds())
             metrics.OUTBOX_PUBLISHED.labels(r["kind"]).inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -27,7 +27,7 @@ ORDER BY m.expires_at, m.user_id, m.segment_id LIMIT $5
 NEXT_DUE = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at > $1"
 # Rows are visible at commit, not at insert: look back this far each pass so a late commit is not missed.
 LOOKBACK = timedelta(seconds=60)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FULL_SCAN_SECONDS = 300
 REPUBLISH_AFTER = timedelta(seconds=10)
 
@@ -62,7 +62,7 @@ class TtlProducer(leader.LeaderLoop):
         full_scan_at = asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
         while not self.stopping.is_set():
             self.wake.clear()
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             if asyncio.get_running_loop().time() >= full_scan_at:
                 # Safety net: anything still due (a command the worker ignored for clock skew) goes out again.
                 cursor, full_scan_at = (EPOCH, 0, 0), asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
@@ -73,7 +73,7 @@ class TtlProducer(leader.LeaderLoop):
             self.next_due = await conn.fetchval(NEXT_DUE, now)
             sleep = self.settings.ttl_max_sleep_seconds
             if self.next_due is not None:
-                sleep = min(sleep, max(0.0, (self.next_due - datetime.now(timezone.utc)).total_seconds()))
+                sleep = min(sleep, max(0.0, (self.next_due - datetime.now(UTC)).total_seconds()))
             await leader.wait(self.wake, sleep)
 
     async def publish_due(self, conn: asyncpg.Connection, now: datetime, cursor: tuple) -> tuple:
@@ -95,9 +95,9 @@ class TtlProducer(leader.LeaderLoop):
                 futures.append(await self.producer.send(
                     self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
                 sent[command_id] = r["expires_at"]
-                lag = max(lag, (datetime.now(timezone.utc) - r["expires_at"]).total_seconds())
+                lag = max(lag, (datetime.now(UTC) - r["expires_at"]).total_seconds())
             await asyncio.gather(*futures)
-            self.recent.update({cid: datetime.now(timezone.utc) for cid in sent})  # only what the broker acknowledged
+            self.recent.update({cid: datetime.now(UTC) for cid in sent})  # only what the broker acknowledged
             metrics.TTL_EXPIRIES.inc(len(futures))
             self.published += len(futures)
             if futures:

@@ -1,8 +1,8 @@
 """The wire contract: commands, events, results and HTTP answers. No behaviour, no I/O."""
 from schemas.commands import (
-    Command,
     COMMAND_ADAPTER,
     COMMAND_TYPES,
+    Command,
     CreateSegment,
     DeleteSegment,
     ExpireMembership,

@@ -4,14 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas.commands import (
+    SEGMENT_COMMANDS,
     CreateSegment,
     DeleteSegment,
     ExpireMembership,
     RegisterUsers,
-    SEGMENT_COMMANDS,
     UpdateSegment,
     UpdateUserSegments,
 )
@@ -57,7 +57,7 @@ def _summary(model: type[BaseModel]) -> str:
     return (model.__doc__ or model.__name__).strip().splitlines()[0]
 
 
-def _command_key(model: type[BaseModel]) -> dict:
+def _command_key(model: type[BaseModel]) -> dict[str, Any]:
     if model in SEGMENT_COMMANDS:
         return SLUG_KEY
     if model is RegisterUsers:
@@ -65,7 +65,8 @@ def _command_key(model: type[BaseModel]) -> dict:
     return USER_KEY
 
 
-def _message(model: type[BaseModel], payload: dict, key: dict, headers: dict | None = None) -> dict:
+def _message(model: type[BaseModel], payload: dict[str, Any], key: dict[str, Any], headers: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     message: dict[str, Any] = {
         "name": model.__name__, "title": model.__name__, "summary": _summary(model),
         "contentType": "application/json", "payload": payload,
@@ -76,19 +77,20 @@ def _message(model: type[BaseModel], payload: dict, key: dict, headers: dict | N
     return message
 
 
-def _channel(address: str, title: str, description: str, names: list[str]) -> dict:
+def _channel(address: str, title: str, description: str, names: list[str]) -> dict[str, Any]:
     return {"address": address, "title": title, "description": description,
             "messages": {n: {"$ref": f"#/components/messages/{n}"} for n in names}}
 
 
-def _operation(action: str, channel: str, names: list[str], summary: str) -> dict:
+def _operation(action: str, channel: str, names: list[str], summary: str) -> dict[str, Any]:
     return {"action": action, "summary": summary, "channel": {"$ref": f"#/channels/{channel}"},
             "messages": [{"$ref": f"#/channels/{channel}/messages/{n}"} for n in names]}
 
 
-def document(settings: Any) -> dict:
+def document(settings: Any) -> dict[str, Any]:
     """The AsyncAPI 3.0.0 document; `settings` is anything with the five `*_topic` attributes."""
-    wanted = [(m, "validation") for m in COMMAND_MODELS] + [(m, "serialization") for m in EVENT_MODELS]
+    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in COMMAND_MODELS]
+    wanted += [(m, "serialization") for m in EVENT_MODELS]
     refs, defs = models_json_schema(wanted, ref_template="#/components/schemas/{model}")
     payload = {model: refs[(model, mode)] for model, mode in wanted}
     by_command_id = {"location": "$message.payload#/command_id", "description": "the command's `command_id`"}

@@ -1,5 +1,5 @@
 """Commands published to `segmentation.commands.v1`."""
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
@@ -83,7 +83,7 @@ class ExpireMembership(CommandBase):
 
 
 Command = Annotated[
-    Union[CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership],
+    CreateSegment | UpdateSegment | DeleteSegment | UpdateUserSegments | RegisterUsers | ExpireMembership,
     Field(discriminator="type"),
 ]
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)

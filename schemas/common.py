@@ -1,5 +1,5 @@
 """Shared field types of the contract."""
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated
 
@@ -11,14 +11,14 @@ MAX_USER_ID = 2**63 - 1
 
 def _utc(value: datetime) -> datetime:
     try:
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+23:59
         raise ValueError("the time is out of range in UTC") from None
 
 
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with a `Z`, microseconds kept."""
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 UtcTime = Annotated[

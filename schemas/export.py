@@ -13,7 +13,7 @@ from schemas.commands import Command
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def message_schemas() -> dict[str, dict]:
+def message_schemas() -> dict[str, dict[str, Any]]:
     """Message name -> its JSON Schema: commands as accepted, events and results as published."""
     schemas = {m.__name__: m.model_json_schema(mode="validation") for m in COMMAND_MODELS}
     schemas["Command"] = TypeAdapter(Command).json_schema(mode="validation") | {"title": "Command"}

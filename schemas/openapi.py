@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
@@ -20,15 +21,15 @@ SWAGGER_HTML = """<!doctype html>
 _MODELS = (UserSegments, SegmentList, SegmentInfo, ReportLink, ErrorBody, CommandResult)
 
 
-def _ref(name: str) -> dict:
+def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json(name: str, description: str) -> dict:
+def _json(name: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
 
 
-def _error(description: str) -> dict:
+def _error(description: str) -> dict[str, Any]:
     return _json("ErrorBody", description)
 
 
@@ -37,7 +38,7 @@ _DATABASE_ERRORS = {"500": _error("INTERNAL: a query failed"),
                     "503": _error("UNAVAILABLE: the database cannot be reached, try again")}
 
 
-def _param(name: str, where: str, schema: dict, required: bool = True, description: str = "") -> dict:
+def _param(name: str, where: str, schema: dict[str, Any], required: bool = True, description: str = "") -> dict[str, Any]:
     return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
 
 
@@ -53,10 +54,10 @@ _REPORT_PARAMS = [
 
 
 @lru_cache
-def document() -> dict:
+def document() -> dict[str, Any]:
     _, defs = models_json_schema([(m, "serialization") for m in _MODELS], ref_template="#/components/schemas/{model}")
     ok, bad, missing = "200", "400", "404"
-    paths = {
+    paths: dict[str, dict[str, Any]] = {
         "/api/v1/users/{user_id}/segments": {"get": {
             "summary": "A user's active segments (explicit and rollout), sorted by slug; any user id",
             "operationId": "getUserSegments",

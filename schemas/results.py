@@ -1,11 +1,11 @@
 """Command results (`segmentation.command-results.v1`, key command id)."""
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from schemas.common import CommandId, Message, UtcTime
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Why a command was rejected."""
 
     INVALID_COMMAND = "INVALID_COMMAND"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from schemas.commands import MAX_SLUGS_PER_COMMAND, ExpireMembership, SlugAdd, UpdateUserSegments
 from schemas.results import ErrorCode, ErrorInfo
@@ -13,7 +14,7 @@ from service.bucket import in_rollout
 class CommandRejectedError(Exception):
     """A command that breaks a rule: rejected whole, with a code."""
 
-    def __init__(self, code: ErrorCode, message: str, details: dict | None = None):
+    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.info = ErrorInfo(code=code, message=message, details=details)
 
@@ -87,7 +88,7 @@ def _expiry(add: SlugAdd, default_ttl: int | None, now: datetime) -> datetime | 
 
 def validate_update(cmd: UpdateUserSegments, now: datetime) -> None:
     """The INVALID_COMMAND rules of UpdateUserSegments."""
-    def invalid(message: str, **details) -> CommandRejectedError:
+    def invalid(message: str, **details: Any) -> CommandRejectedError:
         return CommandRejectedError(ErrorCode.INVALID_COMMAND, message, details or None)
 
     adds = cmd.added()
@@ -126,6 +127,7 @@ def _drop_if_expired(user: UserState, seg: Segment, now: datetime, out: Outcome)
     m = user.memberships.get(seg.id)
     if m is not None and m.expired(now):
         del user.memberships[seg.id]
+        assert m.expires_at is not None  # expired() holds only with an expiry
         out.changes.append(Change("removed", user.user_id, seg, "expired", m.expires_at, m.expires_at))
 
 
@@ -150,7 +152,7 @@ def update_user_segments(
     live = _live([a.slug for a in adds] + list(cmd.remove), segments)
     to_add, to_remove = live[: len(adds)], live[len(adds):]
     out = Outcome()
-    for seg, add in zip(to_add, adds):
+    for seg, add in zip(to_add, adds, strict=True):
         _drop_if_expired(user, seg, now, out)
         expires_at = _expiry(add, cmd.ttl_seconds, now)
         old = user.memberships.get(seg.id)

@@ -8,7 +8,6 @@ import sys
 import uuid
 from decimal import Decimal
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -133,7 +132,7 @@ def _send(command_json: dict, wait: bool, timeout: float) -> None:
         command = COMMAND_ADAPTER.validate_python(command_json)
     except ValidationError as exc:
         typer.echo(f"not a valid command: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     settings = Settings()
 
     async def go() -> dict | None:
@@ -148,12 +147,12 @@ def _send(command_json: dict, wait: bool, timeout: float) -> None:
 
     try:
         result = asyncio.run(go())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         typer.echo(f"no result for {command.command_id} within {timeout} s (is the worker running?)", err=True)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     except KafkaError as exc:
         typer.echo(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc}", err=True)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     if result is None:
         typer.echo(json.dumps({"command_id": command.command_id, "status": "sent"}))
         return
@@ -176,31 +175,31 @@ def send_raw(body: str = typer.Argument(..., help="The command as JSON, or - to 
         obj = json.loads(text)
     except ValueError as exc:
         typer.echo(f"not JSON: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if isinstance(obj, dict):
         obj.setdefault("command_id", _new_id())
     _send(obj, wait, timeout)
 
 
 @send_app.command("create-segment")
-def send_create_segment(slug: str, description: Optional[str] = None,
-                        percent: Optional[Decimal] = typer.Option(None, help="Roll out to this percent of users."),
-                        command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
+def send_create_segment(slug: str, description: str | None = None,
+                        percent: Decimal | None = typer.Option(None, help="Roll out to this percent of users."),
+                        command_id: str | None = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
     """CreateSegment."""
     _send({"type": "CreateSegment", "command_id": command_id or _new_id(), "slug": slug,
            "description": description, "auto_percent": percent}, wait, timeout)
 
 
 @send_app.command("update-segment")
-def send_update_segment(slug: str, description: Optional[str] = None, percent: Optional[Decimal] = None,
-                        command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
+def send_update_segment(slug: str, description: str | None = None, percent: Decimal | None = None,
+                        command_id: str | None = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
     """UpdateSegment: a new description or rollout percent."""
     _send({"type": "UpdateSegment", "command_id": command_id or _new_id(), "slug": slug,
            "description": description, "auto_percent": percent}, wait, timeout)
 
 
 @send_app.command("delete-segment")
-def send_delete_segment(slug: str, command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT,
+def send_delete_segment(slug: str, command_id: str | None = COMMAND_ID, wait: bool = WAIT,
                         timeout: float = TIMEOUT) -> None:
     """DeleteSegment: every member leaves it."""
     _send({"type": "DeleteSegment", "command_id": command_id or _new_id(), "slug": slug}, wait, timeout)
@@ -209,10 +208,10 @@ def send_delete_segment(slug: str, command_id: Optional[str] = COMMAND_ID, wait:
 @send_app.command("update-user")
 def send_update_user(
     user_id: int,
-    add: List[str] = typer.Option([], "--add", help="Slug to add; SLUG@SECONDS gives it a TTL."),
-    remove: List[str] = typer.Option([], "--remove", help="Slug to remove."),
-    ttl: Optional[int] = typer.Option(None, help="Default TTL in seconds for every added slug."),
-    command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT,
+    add: list[str] = typer.Option([], "--add", help="Slug to add; SLUG@SECONDS gives it a TTL."),
+    remove: list[str] = typer.Option([], "--remove", help="Slug to remove."),
+    ttl: int | None = typer.Option(None, help="Default TTL in seconds for every added slug."),
+    command_id: str | None = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT,
 ) -> None:
     """UpdateUserSegments: add and remove in one atomic step."""
     adds = []
@@ -227,7 +226,7 @@ def send_update_user(
 
 
 @send_app.command("register-users")
-def send_register_users(user_ids: List[int], command_id: Optional[str] = COMMAND_ID, wait: bool = WAIT,
+def send_register_users(user_ids: list[int], command_id: str | None = COMMAND_ID, wait: bool = WAIT,
                         timeout: float = TIMEOUT) -> None:
     """RegisterUsers: make users known so rollouts reach them with events."""
     _send({"type": "RegisterUsers", "command_id": command_id or _new_id(), "user_ids": user_ids}, wait, timeout)
@@ -237,7 +236,7 @@ def send_register_users(user_ids: List[int], command_id: Optional[str] = COMMAND
 
 @app.command()
 def watch(
-    topic: List[str] = typer.Option(["membership", "segment", "results", "dlq"], "--topic",
+    topic: list[str] = typer.Option(["membership", "segment", "results", "dlq"], "--topic",
                                     help="membership, segment, results, dlq (repeatable)."),
     from_beginning: bool = typer.Option(False, help="Start at the oldest message, not the newest."),
     limit: int = typer.Option(0, help="Stop after this many messages (0: never)."),
@@ -285,9 +284,9 @@ def watch(
 @app.command()
 def report(
     month: str = typer.Argument(..., help="YYYY-MM (UTC)."),
-    user: Optional[int] = typer.Option(None, "--user", help="Only this user's rows."),
-    api_url: Optional[str] = typer.Option(None, "--api", help="Base URL of the API (default: HTTP_HOST:HTTP_PORT)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write (default: stdout)."),
+    user: int | None = typer.Option(None, "--user", help="Only this user's rows."),
+    api_url: str | None = typer.Option(None, "--api", help="Base URL of the API (default: HTTP_HOST:HTTP_PORT)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="File to write (default: stdout)."),
 ) -> None:
     """Write a month's membership history CSV (streamed from the API)."""
     from service.cli.report_client import download

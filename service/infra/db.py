@@ -24,7 +24,7 @@ async def wait_for(url: str, timeout: float = 60.0) -> None:
             conn = await asyncpg.connect(url, timeout=5)
             await conn.close()
             return
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             if loop.time() > deadline:
                 raise
             log.warning("waiting for PostgreSQL", extra={"error": str(exc)})
@@ -34,7 +34,7 @@ async def wait_for(url: str, timeout: float = 60.0) -> None:
 
 def migration_files() -> list[tuple[str, str]]:
     folder = resources.files("service.infra") / "migrations"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text()) for p in files]
 
 

@@ -11,13 +11,12 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from schemas import openapi
 from schemas.common import MAX_USER_ID, SLUG_PATTERN
 from schemas.http import ErrorBody, ReportLink, SegmentInfo, SegmentList, UserSegment, UserSegments
-from service.infra import db
-from service.infra import metrics
-from schemas import openapi
-from service.read import views
+from service.infra import db, metrics
 from service.infra.settings import Settings
+from service.read import views
 
 log = logging.getLogger("segmentation.api")
 
@@ -49,6 +48,12 @@ def _int(value: str | None, name: str, low: int, high: int, required: bool = Tru
     if not re.fullmatch(r"[0-9]{1,19}", value) or not low <= int(value) <= high:
         raise InputError(f"{name} must be an integer from {low} to {high}")
     return int(value)
+
+
+def _required_int(value: str | None, name: str, low: int, high: int) -> int:
+    number = _int(value, name, low, high)
+    assert number is not None  # required: _int raised InputError otherwise
+    return number
 
 
 # The database is down or busy (503, try again), as opposed to a query that fails (500, a bug).
@@ -83,7 +88,7 @@ async def observe(request: web.Request, handler):
 
 
 async def get_user_segments(request: web.Request) -> web.Response:
-    user_id = _int(request.match_info["user_id"], "user_id", 1, MAX_USER_ID)
+    user_id = _required_int(request.match_info["user_id"], "user_id", 1, MAX_USER_ID)
     async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
         rows = await views.user_segments(conn, user_id)
     return answer(UserSegments(user_id=user_id, segments=[UserSegment(**r) for r in rows]))
@@ -121,8 +126,8 @@ async def get_command(request: web.Request) -> web.Response:
 
 
 def _report_params(request: web.Request) -> tuple[int, int, int | None]:
-    year = _int(request.query.get("year"), "year", 1970, 9998)  # 9998: the month after must exist too
-    month = _int(request.query.get("month"), "month", 1, 12)
+    year = _required_int(request.query.get("year"), "year", 1970, 9998)  # 9998: the month after must exist too
+    month = _required_int(request.query.get("month"), "month", 1, 12)
     user_id = _int(request.query.get("user_id"), "user_id", 1, MAX_USER_ID, required=False)
     return year, month, user_id
 
@@ -161,7 +166,7 @@ async def _kafka_reachable(bootstrap: str) -> bool:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 1.0)
             writer.close()
             return True
-        except (OSError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, OSError, ValueError):
             continue
     return False
 
@@ -172,7 +177,7 @@ async def readyz(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire(timeout=1.0) as conn:
             await conn.fetchval("SELECT 1", timeout=1.0)
         checks["postgres"] = "ok"
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         checks["postgres"] = f"unreachable: {exc!r}"
     checks["kafka"] = "ok" if await _kafka_reachable(request.app[SETTINGS].kafka_bootstrap_servers) else "unreachable"
     ready = all(v == "ok" for v in checks.values())

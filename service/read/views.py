@@ -1,8 +1,8 @@
 """The read side: plain SQL on the tables, no unit of work. Expired memberships are filtered in the query."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -69,8 +69,8 @@ async def command_result(conn: asyncpg.Connection, command_id: str) -> str | Non
 async def stream_history_csv(conn: asyncpg.Connection, year: int, month: int, user_id: int | None,
                              write: Callable[[bytes], Awaitable[None]]) -> None:
     """Stream the month's CSV through COPY: constant memory whatever the size."""
-    start = datetime(year, month, 1, tzinfo=timezone.utc)
-    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     args: tuple = (start, end) if user_id is None else (start, end, user_id)
     query = HISTORY_CSV.format(user_filter="" if user_id is None else "AND user_id = $3")
     await write(HISTORY_HEADER)

@@ -8,33 +8,38 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
 from schemas.commands import (
-    SEGMENT_COMMANDS, USER_COMMANDS, CreateSegment, DeleteSegment, ExpireMembership, RegisterUsers, UpdateSegment,
+    SEGMENT_COMMANDS,
+    USER_COMMANDS,
+    CreateSegment,
+    DeleteSegment,
+    ExpireMembership,
+    RegisterUsers,
+    UpdateSegment,
     UpdateUserSegments,
 )
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
-from service.write import segment_handlers
-from service.write import sql
-from service.write import user_handlers
-from service.write.decoding import Decoded, InboundRecord, decode, printable
 from service.domain import CommandRejectedError, NotDueYetError, Segment
+from service.write import segment_handlers, sql, user_handlers
 from service.write.change_set import OutboxRow, UnitOfWork, result_row, segment_event
+from service.write.decoding import Decoded, InboundRecord, decode, printable
 from service.write.user_handlers import RunContext
 
 log = logging.getLogger("segmentation.worker")
 
-USER_HANDLERS = {
+USER_HANDLERS: dict[type, Callable[..., Any]] = {
     UpdateUserSegments: user_handlers.update_user_segments,
     RegisterUsers: user_handlers.register_users,
     ExpireMembership: user_handlers.expire_membership,
 }
-SEGMENT_HANDLERS = {
+SEGMENT_HANDLERS: dict[type, Callable[..., Awaitable[Any]]] = {
     CreateSegment: segment_handlers.create_segment,
     UpdateSegment: segment_handlers.update_segment,
     DeleteSegment: segment_handlers.delete_segment,
@@ -55,7 +60,7 @@ DLQ_MAX_KEY_BYTES = 16_384
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -67,16 +72,16 @@ class BatchReport:
     dead_letters: int = 0
     events: int = 0
 
-    def add(self, other: "BatchReport") -> None:
+    def add(self, other: BatchReport) -> None:
         self.outcomes.update(other.outcomes)
         self.skipped += other.skipped
         self.dead_letters += other.dead_letters
         self.events += other.events
 
-    def copy(self) -> "BatchReport":
+    def copy(self) -> BatchReport:
         return BatchReport(Counter(self.outcomes), self.skipped, self.dead_letters, self.events)
 
-    def restore(self, saved: "BatchReport") -> None:
+    def restore(self, saved: BatchReport) -> None:
         """Back to `saved` (a copy taken before a savepoint that was rolled back)."""
         self.outcomes, self.skipped = Counter(saved.outcomes), saved.skipped
         self.dead_letters, self.events = saved.dead_letters, saved.events
@@ -275,6 +280,7 @@ class _Part:
     def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,
                store: bool = True) -> None:
         """Publish the command's result; store it under its id unless `store` is False (nothing was decided)."""
+        assert d.command_id is not None  # a decoded command always has its id
         result = CommandResult(
             command_id=d.command_id, type=d.type, status=status, error=error,
             events=events, processed_at=self.uow.now,
@@ -297,6 +303,7 @@ class _Part:
 
     def answer_duplicate(self, d: Decoded) -> None:
         """A seen command id: the stored result again, or a conflict if the body differs."""
+        assert d.command_id is not None  # only decoded commands are looked up in `seen`
         stored_hash, stored_result = self.seen[d.command_id]
         if stored_hash == d.body_hash:
             payload = stored_result
@@ -315,6 +322,7 @@ class _Part:
         log.info("duplicate command", extra={"position": d.record.position, "command_id": d.command_id, "status": status})
 
     def dead_letter(self, d: Decoded) -> None:
+        assert d.error_code is not None and d.error_message is not None  # what makes it a dead letter
         self.uow.record_outbox(dead_letter_row(d.record, d.error_code, d.error_message))
         self.report.dead_letters += 1
         log.warning("dead letter", extra={"position": d.record.position, "command_id": d.command_id,

@@ -11,8 +11,8 @@ import asyncpg
 from schemas.common import format_time
 from schemas.events import SegmentChanged
 from schemas.results import CommandResult
-from service.write import sql
 from service.domain import Change, Membership, UserState
+from service.write import sql
 
 
 @dataclass
@@ -117,7 +117,7 @@ class UnitOfWork:
         if self.history:
             await conn.copy_records_to_table("membership_history", records=self.history, columns=sql.HISTORY_COLUMNS)
         if self.processed:
-            await conn.execute(sql.STORE_PROCESSED, *map(list, zip(*self.processed)))
+            await conn.execute(sql.STORE_PROCESSED, *map(list, zip(*self.processed, strict=True)))
         if self.outbox:
             await conn.copy_records_to_table(
                 "outbox", records=[r.record() for r in self.outbox], columns=sql.OUTBOX_COLUMNS

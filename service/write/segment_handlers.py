@@ -14,9 +14,9 @@ from schemas.commands import CreateSegment, DeleteSegment, UpdateSegment
 from schemas.common import format_time
 from schemas.events import SegmentChanged
 from schemas.results import ErrorCode
-from service.write import sql
 from service.bucket import segment_salt, threshold
 from service.domain import CommandRejectedError
+from service.write import sql
 from service.write.change_set import UnitOfWork
 
 

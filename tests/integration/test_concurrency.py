@@ -5,8 +5,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from service.write import batch as batch_module
 from service.read import views
+from service.write import batch as batch_module
 from tests.support.batch import Feeder, create, update_user
 
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import pytest
 
 from schemas import CreateSegment
-from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
 from tests.support.harness import Stack, cid
+from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
 
 USERS = 1000
 # Five commands per user; each changes something, so every user gets exactly these seven events in order.

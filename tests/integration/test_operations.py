@@ -3,7 +3,7 @@ import asyncio
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from producers import leader
 from schemas import CreateSegment, UpdateUserSegments
 from service.read.api import create_app
-from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
 from tests.support.harness import Stack, cid
+from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
 
 
 def sample(name: str, **labels) -> float:
@@ -76,12 +76,12 @@ async def test_ttl_producer_failover(pg_admin_url, template_db, broker_bootstrap
             await stack.request(CreateSegment(command_id=cid(), slug="T"))
             pid = await wait_until(lambda: active_ttl_pid(stack), message="an active TTL producer")
             active = next(p for p in producers if p.pid == pid)
-            expires = datetime.now(timezone.utc) + timedelta(seconds=10)
+            expires = datetime.now(UTC) + timedelta(seconds=10)
             for user in range(1, 6):
                 added = await stack.request(UpdateUserSegments(
                     command_id=cid(), user_id=user, add=[{"slug": "T", "expires_at": expires.isoformat()}]))
                 assert added["status"] == "applied"
-            assert datetime.now(timezone.utc) < expires  # the active one dies before the memberships are due
+            assert datetime.now(UTC) < expires  # the active one dies before the memberships are due
             active.send_signal(signal.SIGKILL)
             active.wait(10)
 

@@ -6,12 +6,13 @@ import asyncpg
 from aiokafka.errors import RequestTimedOutError
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
 from producers import leader
 from producers.relay import OutboxRelay
 from schemas.commands import CreateSegment
 from service.infra import kafka
-from tests.support.helpers import wait_until
 from tests.support.harness import Stack, cid
+from tests.support.helpers import wait_until
 
 N = 3000
 
@@ -54,7 +55,8 @@ async def test_a_failed_batch_does_not_reorder_a_users_events(conn, settings, mo
     relay = OutboxRelay(settings)
     task = asyncio.create_task(relay.run())
     await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"), 60)
-    relay.stop(); await task
+    relay.stop()
+    await task
 
     seen, order = set(), []
     for r in await read_all(settings, settings.membership_topic):
@@ -95,7 +97,8 @@ async def test_a_refused_row_neither_floods_nor_stalls(conn, settings):
     await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"), 30,
                      message="both rows handled")
     await asyncio.sleep(1)  # a relay stuck in a loop would publish e1 again meanwhile
-    relay.stop(); await task
+    relay.stop()
+    await task
     got = len(await read_all(settings, settings.membership_topic))
     unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
     assert got == 1 and unpublished == 0

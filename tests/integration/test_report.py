@@ -1,14 +1,14 @@
 """The monthly history report: streamed CSV of every membership change in a UTC month."""
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.read.api import create_app
 from service.infra.settings import Settings
+from service.read.api import create_app
 from tests.support.batch import Feeder, create, update_user
 
-NOV = datetime(2026, 11, 3, 10, 0, tzinfo=timezone.utc)
+NOV = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ async def csv(http, query: str) -> list[list[str]]:
 
 
 async def test_a_month_with_adds_removes_expiries_and_a_deleted_segment(conn, http):
-    f = Feeder(conn, now=datetime(2026, 10, 31, 23, 59, tzinfo=timezone.utc))
+    f = Feeder(conn, now=datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
     await f.apply(create("A"), create("B"), update_user("october", 1, add=["A"]))  # not in November
     f.now = NOV
     await f.apply(update_user("c1", 1, add=["B", {"slug": "A", "ttl_seconds": 3600}]),
@@ -39,7 +39,7 @@ async def test_a_month_with_adds_removes_expiries_and_a_deleted_segment(conn, ht
                    "expires_at": "2026-11-03T11:00:00Z"})
     f.now = NOV + timedelta(days=1)
     await f.apply(update_user("c3", 2, remove=["A"]), {"type": "DeleteSegment", "command_id": "del", "slug": "B"})
-    f.now = datetime(2026, 12, 1, 0, 0, tzinfo=timezone.utc)
+    f.now = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
     await f.apply(update_user("december", 3, add=["A"]))
 
     rows = await csv(http, "year=2026&month=11")

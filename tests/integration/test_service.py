@@ -7,8 +7,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from schemas import CreateSegment, DeleteSegment, UpdateUserSegments
 from service.read.api import create_app
-from tests.support.helpers import fast_settings, new_database, wait_until
 from tests.support.harness import Stack, cid
+from tests.support.helpers import fast_settings, new_database, wait_until
 
 
 @pytest.fixture(scope="module")

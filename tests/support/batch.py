@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from service.write.batch import BatchProcessor
 from service.write.decoding import InboundRecord
@@ -13,7 +13,7 @@ class Feeder:
 
     def __init__(self, conn, now: datetime | None = None):
         self.conn = conn
-        self.now = now or datetime.now(timezone.utc)
+        self.now = now or datetime.now(UTC)
         self.offsets: dict[int, int] = {}
         self.processor = BatchProcessor("test-group", clock=lambda: self.now)
 

@@ -7,13 +7,11 @@ import json
 import uuid
 from collections import defaultdict
 
-
 from consumers.worker import CommandWorker
 from producers.publisher import CommandClient
 from producers.relay import OutboxRelay
 from producers.ttl import TtlProducer
-from service.infra import db
-from service.infra import kafka
+from service.infra import db, kafka
 from service.infra.settings import Settings
 
 
@@ -70,7 +68,7 @@ class Stack:
         self.workers: list[CommandWorker] = []
         self.stoppables = []
 
-    async def __aenter__(self) -> "Stack":
+    async def __aenter__(self) -> Stack:
         s = self.settings
         await kafka.create_topics(s)
         self.pool = await db.create_pool(s.database_url, 1, 4)

@@ -1,6 +1,6 @@
 """The rollout bucket rules, as properties."""
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from hypothesis import given
@@ -40,7 +40,7 @@ def test_a_percent_change_moves_exactly_the_users_between_the_lines(salt, ids, o
 def test_exclusions_win(user, percent):
     seg = Segment(1, "S", segment_salt("S", 1), percent)
     state = UserState(user, known=False, exclusions={1})
-    register_user(state, [seg], datetime(2026, 11, 22, tzinfo=timezone.utc))
+    register_user(state, [seg], datetime(2026, 11, 22, tzinfo=UTC))
     assert 1 not in state.memberships
 
 

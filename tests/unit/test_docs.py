@@ -1,6 +1,6 @@
 """docs/: the checked-in schemas match the code, and each document is valid for its specification."""
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,19 +12,29 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
 from schemas import (
-    CommandResult, CreateSegment, DeleteSegment, ErrorCode, ErrorInfo, ExpireMembership, MembershipChanged,
-    RegisterUsers, SegmentChanged, SlugAdd, UpdateSegment, UpdateUserSegments,
+    CommandResult,
+    CreateSegment,
+    DeleteSegment,
+    ErrorCode,
+    ErrorInfo,
+    ExpireMembership,
+    MembershipChanged,
+    RegisterUsers,
+    SegmentChanged,
+    SlugAdd,
+    UpdateSegment,
+    UpdateUserSegments,
+    openapi,
+    topics,
 )
-from schemas import topics
 from schemas.asyncapi import COMMAND_MODELS, DLQ_ERROR_CODES, document
 from schemas.export import export
-from schemas import openapi
 from service.write.decoding import InboundRecord, decode
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 ASYNCAPI_SCHEMA = ROOT / "tests" / "data" / "asyncapi-3.0.0.json"  # from the @asyncapi/specs package
-NOW = datetime(2026, 11, 22, 7, 30, 5, 123456, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 7, 30, 5, 123456, tzinfo=UTC)
 DEFAULT_TOPICS = SimpleNamespace(
     commands_topic=topics.COMMANDS, dlq_topic=topics.DLQ, results_topic=topics.RESULTS,
     membership_topic=topics.MEMBERSHIP_CHANGED, segment_topic=topics.SEGMENT_CHANGED,

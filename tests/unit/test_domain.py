@@ -1,5 +1,5 @@
 """The rules of user commands, on in-memory state with a fixed clock."""
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -9,7 +9,7 @@ from schemas.results import ErrorCode
 from service import domain
 from service.domain import CommandRejectedError, Membership, Segment, UserState
 
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 A, B, C = Segment(1, "A", "A:1"), Segment(2, "B", "B:2"), Segment(3, "C", "C:3")
 LIVE = {s.slug: s for s in (A, B, C)}
 

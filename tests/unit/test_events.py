@@ -1,12 +1,12 @@
 """The hand-written MembershipChanged JSON is exactly what the model would write."""
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from schemas.events import MembershipChanged
 from service.domain import Change, Segment
 from service.write.change_set import membership_event
 
-NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def test_membership_event_matches_the_model():

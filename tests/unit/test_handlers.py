@@ -1,17 +1,17 @@
 """The user-command handlers on in-memory state (a unit of work that is never flushed) and a fixed clock."""
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from schemas.commands import ExpireMembership, RegisterUsers, UpdateUserSegments
-from service.write import user_handlers
 from service.domain import CommandRejectedError, Membership, Segment, UserState
+from service.write import user_handlers
 from service.write.change_set import UnitOfWork
 from service.write.user_handlers import RunContext
 
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 A = Segment(1, "A", "A:1")
 ALL = Segment(2, "ALL", "ALL:2", Decimal(100))
 
