@@ -9,7 +9,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from service.infra import db, kafka, metrics
+from service.infra import db, errors, kafka, metrics
 from service.infra.settings import Settings
 from service.write import sql
 from service.write.batch import BatchProcessor, BatchReport
@@ -119,7 +119,7 @@ class CommandWorker:
                 async with self.pool.acquire() as conn:
                     await self.processor.process(conn, records, report)
                     return True
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except errors.DATABASE_FAILURE as exc:
                 metrics.BATCH_RETRIES.inc()
                 log.warning("batch failed, retrying", extra={
                     "from": records[0].position, "to": records[-1].position, "error": repr(exc), "retry_in": delay})

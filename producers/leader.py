@@ -11,7 +11,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 
-from service.infra import kafka
+from producers import sql
+from service.infra import errors, kafka
 from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.leader")
@@ -21,9 +22,6 @@ log = logging.getLogger("segmentation.leader")
 KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
              "tcp_user_timeout": "30000"}
 COMMAND_TIMEOUT = 60.0
-
-RELAY_LOCK = 7_361_002
-TTL_LOCK = 7_361_003
 
 
 async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, retry_seconds: float = 1.0
@@ -36,14 +34,14 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
             conn = await asyncpg.connect(url, timeout=10, command_timeout=COMMAND_TIMEOUT, server_settings={
                 "application_name": f"segmentation-{name.replace(' ', '-')}-{os.getpid()}", **KEEPALIVE})
             while not stopping.is_set():
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
+                if await conn.fetchval(sql.TRY_LOCK, lock_id):
                     log.info(f"{name} is active", extra={"lock": lock_id})
                     return conn
                 if not announced:
                     log.info(f"{name} is on standby: another instance holds the lock", extra={"lock": lock_id})
                     announced = True
                 await wait(stopping, retry_seconds)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except errors.DATABASE_FAILURE as exc:
             log.warning(f"{name}: cannot reach PostgreSQL", extra={"error": repr(exc)})
             await wait(stopping, retry_seconds)
         if conn is not None:
@@ -61,7 +59,7 @@ async def lead_while_holding(url: str, lock_id: int, name: str, stopping: asynci
         active.set(1)
         try:
             await lead(conn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+        except (*errors.DATABASE_FAILURE, KafkaError) as exc:
             log.warning(f"{name} lost its footing; starting over", extra={"error": repr(exc)})
             await asyncio.sleep(0.5)
         finally:

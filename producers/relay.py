@@ -11,36 +11,23 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
-from producers import leader
-from service.infra import metrics
+from producers import leader, sql
+from service.infra import db, metrics
 from service.infra.settings import Settings
+from service.write import outbox
 
 log = logging.getLogger("segmentation.relay")
 
-# Never a "last id seen" cursor: seq is handed out at INSERT but visible at COMMIT, so a cursor skips rows.
-# FOR UPDATE without SKIP LOCKED: a new leader waits for the old one's transaction instead of overtaking it.
-CLAIM = """
-SELECT seq, kind, key, payload, event_id, headers::text AS headers, created_at
-FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE
-"""
-MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])"
-PURGE_SLICE = 20_000
-PURGE = f"""
-DELETE FROM outbox WHERE seq IN (
-    SELECT seq FROM outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT {PURGE_SLICE})
-"""
 # One round of sends stays within one producer batch (kafka.producer_options max_batch_size).
 ROUND_BYTES = 1024 * 1024 - 64 * 1024
-BACKLOG = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 
 
 class OutboxRelay(leader.LeaderLoop):
-    LOCK, NAME, ACTIVE = leader.RELAY_LOCK, "relay", metrics.RELAY_ACTIVE
+    LOCK, NAME, ACTIVE = db.RELAY_LOCK, "relay", metrics.RELAY_ACTIVE
 
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
         super().__init__(settings, producer)
-        self.topics = {"membership": settings.membership_topic, "segment": settings.segment_topic,
-                       "result": settings.results_topic, "dlq": settings.dlq_topic}
+        self.topics = outbox.topics(settings)
 
     async def lead(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener("segmentation_outbox", lambda *_: self.wake.set())
@@ -49,7 +36,7 @@ class OutboxRelay(leader.LeaderLoop):
             self.wake.clear()
             now = time.monotonic()
             if now >= next_backlog:  # before publishing, so a relay stuck on a row still shows its backlog
-                metrics.OUTBOX_BACKLOG.set(await conn.fetchval(BACKLOG))
+                metrics.OUTBOX_BACKLOG.set(await conn.fetchval(sql.BACKLOG))
                 next_backlog = now + 5
             sent = await self.publish_batch(conn)
             if now >= next_purge and self.settings.outbox_retention_seconds:
@@ -60,7 +47,7 @@ class OutboxRelay(leader.LeaderLoop):
 
     async def purge(self, conn: asyncpg.Connection) -> None:
         """Delete published rows past retention, in slices, until none is left (keeps up with any load)."""
-        while (await conn.execute(PURGE, float(self.settings.outbox_retention_seconds))) == f"DELETE {PURGE_SLICE}":  # noqa: ASYNC110 - slices; the sleep only yields
+        while (await conn.execute(sql.PURGE, float(self.settings.outbox_retention_seconds))) == f"DELETE {sql.PURGE_SLICE}":  # noqa: ASYNC110 - slices; the sleep only yields
             await asyncio.sleep(0)  
 
     async def publish_batch(self, conn: asyncpg.Connection) -> int:
@@ -71,7 +58,7 @@ class OutboxRelay(leader.LeaderLoop):
         (without an idempotent producer Kafka would not keep them in order).
         """
         async with conn.transaction():
-            rows = await conn.fetch(CLAIM, self.settings.relay_batch_max)
+            rows = await conn.fetch(sql.CLAIM, self.settings.relay_batch_max)
             if not rows:
                 return 0
             round_futures: list[asyncio.Future] = []
@@ -95,7 +82,7 @@ class OutboxRelay(leader.LeaderLoop):
                               extra={"seq": r["seq"], "kind": r["kind"], "event_id": r["event_id"], "error": str(exc)})
                 round_bytes += size
             await _all_acknowledged(round_futures)  # every row acknowledged before it is marked
-            await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
+            await conn.execute(sql.MARK_PUBLISHED, [r["seq"] for r in rows])
         now = datetime.now(UTC)
         for r in rows:
             metrics.PUBLISH_LATENCY.observe((now - r["created_at"]).total_seconds())

@@ -9,22 +9,14 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from producers import leader
+from producers import leader, sql
 from schemas.commands import ExpireMembership
 from schemas.common import format_time
-from service.infra import metrics
+from service.infra import db, metrics
 from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.ttl")
 
-# Due memberships after a cursor, through the (expires_at, user_id, segment_id) index.
-DUE = """
-SELECT m.user_id, m.segment_id, s.slug, m.expires_at FROM memberships m JOIN segments s ON s.id = m.segment_id
-WHERE m.expires_at IS NOT NULL AND m.expires_at <= $1
-  AND (m.expires_at, m.user_id, m.segment_id) > ($2, $3, $4)
-ORDER BY m.expires_at, m.user_id, m.segment_id LIMIT $5
-"""
-NEXT_DUE = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at > $1"
 # Rows are visible at commit, not at insert: look back this far each pass so a late commit is not missed.
 LOOKBACK = timedelta(seconds=60)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -39,7 +31,7 @@ def expiry_command_id(user_id: int, slug: str, expires_at: datetime) -> str:
 
 
 class TtlProducer(leader.LeaderLoop):
-    LOCK, NAME, ACTIVE = leader.TTL_LOCK, "ttl producer", metrics.TTL_ACTIVE
+    LOCK, NAME, ACTIVE = db.TTL_LOCK, "ttl producer", metrics.TTL_ACTIVE
 
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
         super().__init__(settings, producer)
@@ -70,7 +62,7 @@ class TtlProducer(leader.LeaderLoop):
             # Next pass starts a little behind the cursor (late commits); `recent` keeps repeats out.
             cursor = min(cursor, (now - LOOKBACK, 0, 0))
             self.forget_old(now)
-            self.next_due = await conn.fetchval(NEXT_DUE, now)
+            self.next_due = await conn.fetchval(sql.NEXT_DUE, now)
             sleep = self.settings.ttl_max_sleep_seconds
             if self.next_due is not None:
                 sleep = min(sleep, max(0.0, (self.next_due - datetime.now(UTC)).total_seconds()))
@@ -81,7 +73,7 @@ class TtlProducer(leader.LeaderLoop):
         to this pass's worst lateness (0 when nothing was due)."""
         lag = 0.0
         while True:
-            rows = await conn.fetch(DUE, now, *cursor, self.settings.ttl_batch_max)
+            rows = await conn.fetch(sql.DUE, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
                 metrics.TTL_LAG.set(lag)
                 return cursor

@@ -236,17 +236,18 @@ def send_register_users(user_ids: list[int], command_id: str | None = COMMAND_ID
 
 @app.command()
 def watch(
-    topic: list[str] = typer.Option(["membership", "segment", "results", "dlq"], "--topic",
-                                    help="membership, segment, results, dlq (repeatable)."),
+    topic: list[str] = typer.Option(["membership", "segment", "result", "dlq"], "--topic",
+                                    help="membership, segment, result (or results), dlq (repeatable)."),
     from_beginning: bool = typer.Option(False, help="Start at the oldest message, not the newest."),
     limit: int = typer.Option(0, help="Stop after this many messages (0: never)."),
 ) -> None:
     """Print events as they arrive, one JSON line each."""
     from service.infra import kafka
+    from service.write import outbox
 
     settings = Settings()
-    names = {"membership": settings.membership_topic, "segment": settings.segment_topic,
-             "results": settings.results_topic, "dlq": settings.dlq_topic}
+    names = outbox.topics(settings)
+    names["results"] = names["result"]  # the name this option had first
     unknown = [t for t in topic if t not in names]
     if unknown:
         typer.echo(f"unknown topic: {', '.join(unknown)}", err=True)

@@ -7,8 +7,15 @@ from importlib import resources
 
 import asyncpg
 
+from service.infra import errors, sql
+
 log = logging.getLogger("segmentation.db")
-MIGRATION_LOCK = 7_361_001  # advisory lock: one migrator at a time
+
+# Every PostgreSQL advisory lock id of the service, here so that none collide.
+MIGRATION_LOCK = 7_361_001  # session lock: one migrator at a time
+RELAY_LOCK = 7_361_002  # session lock: the active outbox relay
+TTL_LOCK = 7_361_003  # session lock: the active TTL producer
+ROLLOUT_LOCK = 7_361_004  # transaction lock: registrations (shared) vs. rollout starts (exclusive), write/sql.py
 
 
 async def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
@@ -24,7 +31,7 @@ async def wait_for(url: str, timeout: float = 60.0) -> None:
             conn = await asyncpg.connect(url, timeout=5)
             await conn.close()
             return
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        except errors.DATABASE_FAILURE as exc:
             if loop.time() > deadline:
                 raise
             log.warning("waiting for PostgreSQL", extra={"error": str(exc)})
@@ -42,23 +49,21 @@ async def migrate(url: str) -> list[str]:
     """Apply the numbered migrations not applied yet; returns their names."""
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        await conn.execute(sql.LOCK, MIGRATION_LOCK)
+        await conn.execute(sql.CREATE_MIGRATIONS_TABLE)
+        done = {r["name"] for r in await conn.fetch(sql.APPLIED_MIGRATIONS)}
         applied = []
         for name, text in migration_files():
             if name in done:
                 continue
             async with conn.transaction():
                 await conn.execute(text)
-                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                await conn.execute(sql.RECORD_MIGRATION, name)
             applied.append(name)
             log.info("migration applied", extra={"migration": name})
         return applied
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await conn.execute(sql.UNLOCK, MIGRATION_LOCK)
         await conn.close()
 
 
@@ -72,7 +77,7 @@ async def ensure_database(url: str) -> None:
     await wait_for(admin)
     conn = await asyncpg.connect(admin)
     try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
+        if not await conn.fetchval(sql.DATABASE_EXISTS, name):
+            await conn.execute(sql.CREATE_DATABASE.format(name=name))
     finally:
         await conn.close()

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from schemas import openapi
 from schemas.common import MAX_USER_ID, SLUG_PATTERN
 from schemas.http import ErrorBody, ReportLink, SegmentInfo, SegmentList, UserSegment, UserSegments
-from service.infra import db, metrics
+from service.infra import db, errors, metrics
 from service.infra.settings import Settings
 from service.read import views
 
@@ -56,12 +56,6 @@ def _required_int(value: str | None, name: str, low: int, high: int) -> int:
     return number
 
 
-# The database is down or busy (503, try again), as opposed to a query that fails (500, a bug).
-_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.OperatorInterventionError,
-                asyncpg.exceptions.InsufficientResourcesError)
-
-
 @web.middleware
 async def observe(request: web.Request, handler):
     """Errors as the contract's body; metrics by route and status."""
@@ -76,7 +70,7 @@ async def observe(request: web.Request, handler):
             response = error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
         else:
             raise
-    except _UNAVAILABLE as exc:
+    except errors.UNAVAILABLE as exc:  # down or busy (503, try again), not a query that fails (500, a bug)
         log.warning("database unavailable", extra={"path": request.path, "error": repr(exc)})
         response = error(503, "UNAVAILABLE", "the database is unavailable, try again")
     except asyncpg.PostgresError:
@@ -177,7 +171,7 @@ async def readyz(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire(timeout=1.0) as conn:
             await conn.fetchval("SELECT 1", timeout=1.0)
         checks["postgres"] = "ok"
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except errors.DATABASE_FAILURE as exc:
         checks["postgres"] = f"unreachable: {exc!r}"
     checks["kafka"] = "ok" if await _kafka_reachable(request.app[SETTINGS].kafka_bootstrap_servers) else "unreachable"
     ready = all(v == "ok" for v in checks.values())

@@ -1,61 +1,26 @@
-"""Collects what a run of commands changes and writes it with a handful of bulk statements."""
+"""The change set of one transaction: what its commands changed, written with a handful of bulk statements."""
 from __future__ import annotations
 
-import json
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
 from schemas.common import format_time
-from schemas.events import SegmentChanged
 from schemas.results import CommandResult
 from service.domain import Change, Membership, UserState
 from service.write import sql
+from service.write.outbox import OutboxRow, membership_event, result_row
 
 
 @dataclass
-class OutboxRow:
-    """One message for the relay to publish; `kind` picks the topic."""
+class ChangeSet:
+    """An identity map of user state, the diff of what the rules changed, and the inbox and outbox rows.
 
-    kind: str  # 'membership' | 'segment' | 'result' | 'dlq'
-    key: bytes | None
-    payload: bytes | None  # None: a dead-lettered tombstone
-    event_id: str
-    headers: dict[str, str] | None = None
-
-    def record(self) -> tuple:
-        return (self.kind, self.key, self.payload, self.event_id, json.dumps(self.headers) if self.headers else None)
-
-
-def membership_event(change: Change, command_id: str | None) -> OutboxRow:
-    """A MembershipChanged event. Written out by hand (same fields, same order as the model): this is the
-    hottest line of the worker, and the values come from validated state."""
-    event_id = str(uuid.uuid4())
-    payload = json.dumps({
-        "event_id": event_id, "type": "MembershipChanged", "change": change.change, "user_id": change.user_id,
-        "slug": change.segment.slug, "reason": change.reason,
-        "expires_at": format_time(change.expires_at) if change.expires_at is not None else None,
-        "occurred_at": format_time(change.occurred_at), "command_id": command_id,
-    }, separators=(",", ":"))
-    return OutboxRow("membership", str(change.user_id).encode(), payload.encode(), event_id)
-
-
-def segment_event(event: SegmentChanged) -> OutboxRow:
-    return OutboxRow("segment", event.slug.encode(), event.model_dump_json().encode(), event.event_id)
-
-
-def result_row(command_id: str, payload: str) -> OutboxRow:
-    return OutboxRow("result", command_id.encode(), payload.encode(), str(uuid.uuid4()))
-
-
-@dataclass
-class UnitOfWork:
-    """The writes of one transaction, in order; `flush` sends them to PostgreSQL inside it.
-
-    User state is loaded once per run of user commands and snapshotted; `flush` writes the difference
-    between the snapshot and the state the rules left, so every change of a row is written exactly once.
+    It does not own the transaction: the batch opens it, and `flush` writes into it. User state is loaded
+    (and locked) once per transaction and snapshotted; `flush` writes the difference between the snapshot and
+    the state the rules left, so every change of a row is written exactly once, then history, inbox and outbox
+    rows in the order they were recorded.
     """
 
     now: datetime

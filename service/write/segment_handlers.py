@@ -16,8 +16,9 @@ from schemas.events import SegmentChanged
 from schemas.results import ErrorCode
 from service.bucket import segment_salt, threshold
 from service.domain import CommandRejectedError
+from service.infra import db
 from service.write import sql
-from service.write.change_set import UnitOfWork
+from service.write.change_set import ChangeSet
 
 
 def _segment_changed(change: str, slug: str, description, percent, now: datetime, command_id: str) -> SegmentChanged:
@@ -35,16 +36,16 @@ async def _locked(conn: asyncpg.Connection, slug: str) -> asyncpg.Record:
 
 
 async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
-    """Before any segment lock: wait for registrations in flight, hold new ones off (see sql.ROLLOUT_LOCK)."""
+    """Before any segment lock: wait for registrations in flight, hold new ones off (see sql.LOCK_ROLLOUT_SHARED)."""
     if percent:
-        await conn.execute(sql.LOCK_ROLLOUT_EXCLUSIVE, sql.ROLLOUT_LOCK)
+        await conn.execute(sql.LOCK_ROLLOUT_EXCLUSIVE, db.ROLLOUT_LOCK)
 
 
-async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, uow: UnitOfWork) -> tuple[int, SegmentChanged]:
+async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: ChangeSet) -> tuple[int, SegmentChanged]:
     await _starting_a_rollout(conn, cmd.auto_percent)
     if await conn.fetchrow(sql.LOCK_SEGMENT_FOR_UPDATE, cmd.slug) is not None:
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}", {"slugs": [cmd.slug]})
-    now, percent = uow.now, cmd.auto_percent or Decimal(0)
+    now, percent = changes.now, cmd.auto_percent or Decimal(0)
     segment_id = await conn.fetchval(sql.NEXT_SEGMENT_ID)
     salt = segment_salt(cmd.slug, segment_id)
     try:
@@ -60,10 +61,10 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, uow: Unit
     ), event
 
 
-async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, uow: UnitOfWork) -> tuple[int, SegmentChanged]:
+async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: ChangeSet) -> tuple[int, SegmentChanged]:
     await _starting_a_rollout(conn, cmd.auto_percent)
     row = await _locked(conn, cmd.slug)
-    now = uow.now
+    now = changes.now
     description = row["description"] if cmd.description is None else cmd.description
     old = row["auto_percent"]
     new = old if cmd.auto_percent is None else cmd.auto_percent
@@ -77,9 +78,9 @@ async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, uow: Unit
     return 0, event
 
 
-async def delete_segment(conn: asyncpg.Connection, cmd: DeleteSegment, uow: UnitOfWork) -> tuple[int, SegmentChanged]:
+async def delete_segment(conn: asyncpg.Connection, cmd: DeleteSegment, changes: ChangeSet) -> tuple[int, SegmentChanged]:
     row = await _locked(conn, cmd.slug)
-    now = uow.now
+    now = changes.now
     removed = await conn.fetchval(
         sql.SEGMENT_DELETE_MEMBERS, row["id"], cmd.slug, now, format_time(now), cmd.command_id
     )

@@ -41,8 +41,7 @@ ORDER BY id FOR SHARE
 """
 # Registering users vs. starting a rollout: a segment that is new, or goes from 0 % to more, is invisible to a
 # concurrent registration, and the registration's user invisible to the fan-out. Registrations take this lock
-# shared, such fan-outs exclusive, before any segment lock.
-ROLLOUT_LOCK = 7_361_004
+# shared, such fan-outs exclusive, before any segment lock (the lock id: db.ROLLOUT_LOCK).
 LOCK_ROLLOUT_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
 LOCK_ROLLOUT_EXCLUSIVE = "SELECT pg_advisory_xact_lock($1)"
 LOCK_SEGMENT_FOR_UPDATE = """

@@ -1,4 +1,4 @@
-"""Handlers of user commands: the rules run on state loaded once per run; writes go to the unit of work."""
+"""Handlers of user commands: the rules run on state loaded once per run; writes go to the change set."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,44 +6,44 @@ from dataclasses import dataclass
 from schemas.commands import ExpireMembership, RegisterUsers, UpdateUserSegments
 from service import domain
 from service.domain import Outcome, Segment
-from service.write.change_set import UnitOfWork
+from service.write.change_set import ChangeSet
 
 
 @dataclass
 class RunContext:
-    """What a run of user commands shares: the unit of work and the segments locked for it."""
+    """What a run of user commands shares: the change set and the segments locked for it."""
 
-    uow: UnitOfWork
+    changes: ChangeSet
     segments: dict[str, Segment]
     rollouts: list[Segment]
 
     def record(self, outcome: Outcome, user_id: int, command_id: str) -> int:
         if outcome.registered:
-            self.uow.registered.add(user_id)
-        self.uow.record_changes(outcome.changes, command_id)
+            self.changes.registered.add(user_id)
+        self.changes.record_changes(outcome.changes, command_id)
         return len(outcome.changes)
 
 
 def update_user_segments(cmd: UpdateUserSegments, ctx: RunContext) -> int:
-    user = ctx.uow.users[cmd.user_id]
+    user = ctx.changes.users[cmd.user_id]
     # The rules raise before changing anything; they work on a copy so a rejection leaves no trace.
     trial = domain.UserState(user.user_id, user.known, dict(user.memberships), set(user.exclusions))
-    outcome = domain.update_user_segments(cmd, trial, ctx.segments, ctx.rollouts, ctx.uow.now)
-    ctx.uow.users[cmd.user_id] = trial
+    outcome = domain.update_user_segments(cmd, trial, ctx.segments, ctx.rollouts, ctx.changes.now)
+    ctx.changes.users[cmd.user_id] = trial
     return ctx.record(outcome, cmd.user_id, cmd.command_id)
 
 
 def register_users(cmd: RegisterUsers, ctx: RunContext) -> int:
     events = 0
     for user_id in dict.fromkeys(cmd.user_ids):
-        outcome = domain.register_user(ctx.uow.users[user_id], ctx.rollouts, ctx.uow.now)
+        outcome = domain.register_user(ctx.changes.users[user_id], ctx.rollouts, ctx.changes.now)
         events += ctx.record(outcome, user_id, cmd.command_id)
     return events
 
 
 def expire_membership(cmd: ExpireMembership, ctx: RunContext) -> int:
-    user = ctx.uow.users[cmd.user_id]
-    outcome = domain.expire_membership(cmd, user, ctx.segments.get(cmd.slug), ctx.uow.now)
+    user = ctx.changes.users[cmd.user_id]
+    outcome = domain.expire_membership(cmd, user, ctx.segments.get(cmd.slug), ctx.changes.now)
     return ctx.record(outcome, cmd.user_id, cmd.command_id)
 
 

@@ -247,11 +247,11 @@ async def test_counts_survive_a_retry_after_a_partly_committed_batch(conn, monke
 async def test_a_run_redone_record_by_record_is_counted_once(conn, monkeypatch):
     import asyncpg
 
-    from service.write.change_set import UnitOfWork
+    from service.write.change_set import ChangeSet
 
     f = Feeder(conn)
     await f.apply(create("A"))
-    original = UnitOfWork._write_state
+    original = ChangeSet._write_state
     calls = []
 
     async def fail_first_run(self, c):
@@ -260,7 +260,7 @@ async def test_a_run_redone_record_by_record_is_counted_once(conn, monkeypatch):
             raise asyncpg.exceptions.CheckViolationError("refused")
         return await original(self, c)
 
-    monkeypatch.setattr(UnitOfWork, "_write_state", fail_first_run)
+    monkeypatch.setattr(ChangeSet, "_write_state", fail_first_run)
     report = await f.apply(update_user("a", 1, add=["A"]), update_user("b", 2, add=["A"]))
     assert report.outcomes[("UpdateUserSegments", "applied")] == 2 and report.events == 2
     assert await f.members("A") == {1, 2}

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
-from producers import leader
 from schemas import CreateSegment, UpdateUserSegments
+from service.infra import db
 from service.read.api import create_app
 from tests.support.harness import Stack, cid
 from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
@@ -64,7 +64,7 @@ def start_ttl(settings) -> subprocess.Popen:
 async def active_ttl_pid(stack) -> int | None:
     rows = await stack.query(
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted", leader.TTL_LOCK)
+        "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted", db.TTL_LOCK)
     return int(rows[0]["application_name"].rsplit("-", 1)[1]) if rows else None
 
 

@@ -7,10 +7,9 @@ from aiokafka.errors import RequestTimedOutError
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from producers import leader
 from producers.relay import OutboxRelay
 from schemas.commands import CreateSegment
-from service.infra import kafka
+from service.infra import db, kafka
 from tests.support.harness import Stack, cid
 from tests.support.helpers import wait_until
 
@@ -152,7 +151,7 @@ async def test_a_standby_relay_takes_over_when_the_active_one_dies(conn, setting
         # The active one's session dies as if its process had: PostgreSQL drops the lock with the connection.
         await conn.execute(
             "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objid = $1 "
-            "AND l.granted", leader.RELAY_LOCK)
+            "AND l.granted", db.RELAY_LOCK)
         await _insert_row(conn, "second")
         await wait_until(lambda: _published(conn, "second"), 15, message="the standby taking over")
     finally:

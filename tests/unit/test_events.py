@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.events import MembershipChanged
 from service.domain import Change, Segment
-from service.write.change_set import membership_event
+from service.write.outbox import membership_event
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
 

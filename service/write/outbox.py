@@ -1,0 +1,76 @@
+"""Outbox rows: every message the write path publishes is built here, and `topics` says where each kind goes.
+
+The one exception: the set-based fan-outs (`sql._fan_out`) write the same MembershipChanged JSON in SQL, one
+statement for a million members, never a Python loop.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas.common import format_time
+from schemas.events import SegmentChanged
+from service.domain import Change
+from service.infra.settings import Settings
+from service.write.decoding import InboundRecord
+
+Kind = Literal["membership", "segment", "result", "dlq"]  # the outbox.kind column
+DLQ_MAX_BYTES = 900_000  # key + value of a dead letter
+DLQ_MAX_KEY_BYTES = 16_384
+
+
+def topics(settings: Settings) -> dict[str, str]:
+    """The topic of each outbox kind."""
+    return {"membership": settings.membership_topic, "segment": settings.segment_topic,
+            "result": settings.results_topic, "dlq": settings.dlq_topic}
+
+
+@dataclass
+class OutboxRow:
+    """One message for the relay to publish; `kind` picks the topic."""
+
+    kind: Kind
+    key: bytes | None
+    payload: bytes | None  # None: a dead-lettered tombstone
+    event_id: str
+    headers: dict[str, str] | None = None
+
+    def record(self) -> tuple:
+        return (self.kind, self.key, self.payload, self.event_id, json.dumps(self.headers) if self.headers else None)
+
+
+def membership_event(change: Change, command_id: str | None) -> OutboxRow:
+    """A MembershipChanged event. Written out by hand (same fields, same order as the model): this is the
+    hottest line of the worker, and the values come from validated state."""
+    event_id = str(uuid.uuid4())
+    payload = json.dumps({
+        "event_id": event_id, "type": "MembershipChanged", "change": change.change, "user_id": change.user_id,
+        "slug": change.segment.slug, "reason": change.reason,
+        "expires_at": format_time(change.expires_at) if change.expires_at is not None else None,
+        "occurred_at": format_time(change.occurred_at), "command_id": command_id,
+    }, separators=(",", ":"))
+    return OutboxRow("membership", str(change.user_id).encode(), payload.encode(), event_id)
+
+
+def segment_event(event: SegmentChanged) -> OutboxRow:
+    return OutboxRow("segment", event.slug.encode(), event.model_dump_json().encode(), event.event_id)
+
+
+def result_row(command_id: str, payload: str) -> OutboxRow:
+    return OutboxRow("result", command_id.encode(), payload.encode(), str(uuid.uuid4()))
+
+
+def dead_letter_row(record: InboundRecord, code: str, message: str) -> OutboxRow:
+    """The original bytes (a tombstone stays one) with the five headers that say why."""
+    headers = {"error.code": code, "error.message": message, "source.topic": record.topic,
+               "source.partition": str(record.partition), "source.offset": str(record.offset)}
+    key, value = record.key, record.value
+    # What the broker took may not fit back with our headers: keep the heads, say how long they were.
+    if key is not None and len(key) > DLQ_MAX_KEY_BYTES:
+        key, headers["error.key_truncated"] = key[:DLQ_MAX_KEY_BYTES], str(len(key))
+    room = DLQ_MAX_BYTES - len(key or b"")
+    if value is not None and len(value) > room:
+        value, headers["error.truncated"] = value[:room], str(len(value))
+    return OutboxRow("dlq", key, value, str(uuid.uuid4()), headers)
