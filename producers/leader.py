@@ -1,10 +1,11 @@
-"""One active instance through a PostgreSQL advisory lock; standbys take over when it dies."""
+"""Processes that lead under PostgreSQL advisory locks (the relay, the TTL producer); standbys take over when the
+leader dies or steps down. Every wait on the broker is bounded: a leader that cannot publish steps down."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -23,10 +24,22 @@ KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_k
              "tcp_user_timeout": "30000"}
 COMMAND_TIMEOUT = 60.0
 
+# After failing to publish, a leader stays away longer than a standby takes to notice the free lock.
+STEP_DOWN_SECONDS = 5.0
+# Stopping a producer flushes what it holds; a producer whose broker never answers would wait for ever.
+PRODUCER_STOP_SECONDS = 5.0
 
-async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, retry_seconds: float = 1.0
-                  ) -> asyncpg.Connection | None:
-    """Connect and wait for the session lock; the connection holds it until closed. None if stopping."""
+
+class PublishStalled(KafkaError):
+    """The broker did not acknowledge a send within the bound (unreachable, or answering nothing)."""
+
+    retriable = True
+
+
+async def acquire(url: str, try_lock: str, lock_id: int, name: str, stopping: asyncio.Event,
+                  retry_seconds: float = 1.0) -> asyncpg.Connection | None:
+    """Connect and wait until `try_lock` (a pg_try_advisory_lock* call) succeeds; the connection holds the lock
+    until closed. None if stopping."""
     announced = False
     while not stopping.is_set():
         conn = None
@@ -34,7 +47,7 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
             conn = await asyncpg.connect(url, timeout=10, command_timeout=COMMAND_TIMEOUT, server_settings={
                 "application_name": f"segmentation-{name.replace(' ', '-')}-{os.getpid()}", **KEEPALIVE})
             while not stopping.is_set():
-                if await conn.fetchval(sql.TRY_LOCK, lock_id):
+                if await conn.fetchval(try_lock, lock_id):
                     log.info(f"{name} is active", extra={"lock": lock_id})
                     return conn
                 if not announced:
@@ -49,25 +62,6 @@ async def acquire(url: str, lock_id: int, name: str, stopping: asyncio.Event, re
     return None
 
 
-async def lead_while_holding(url: str, lock_id: int, name: str, stopping: asyncio.Event,
-                             lead: Callable[[asyncpg.Connection], Awaitable[None]], active: Gauge) -> None:
-    """Wait for the lock, then `lead(conn)` while holding it; start over when the connection or broker fails."""
-    while not stopping.is_set():
-        conn = await acquire(url, lock_id, name, stopping)
-        if conn is None:
-            return
-        active.set(1)
-        try:
-            await lead(conn)
-        except (*errors.DATABASE_FAILURE, KafkaError) as exc:
-            log.warning(f"{name} lost its footing; starting over", extra={"error": repr(exc)})
-            await asyncio.sleep(0.5)
-        finally:
-            active.set(0)
-            if not conn.is_closed():
-                await conn.close()  # releases the lock
-
-
 async def wait(event: asyncio.Event, seconds: float) -> None:
     """Wait for `event` at most `seconds`."""
     try:
@@ -76,16 +70,47 @@ async def wait(event: asyncio.Event, seconds: float) -> None:
         pass
 
 
+async def settle(futures: Iterable[asyncio.Future], timeout: float) -> list:
+    """Wait at most `timeout` s for every send; the outcome of each (its result or its exception), in order.
+    Raises PublishStalled if one is still pending: with the idempotent producer aiokafka never expires a batch."""
+    futures = list(futures)
+    if not futures:
+        return []
+    _, pending = await asyncio.wait(futures, timeout=timeout)
+    if pending:
+        raise PublishStalled(f"{len(pending)} of {len(futures)} sends not acknowledged within {timeout} s")
+    return [f.exception() or f.result() for f in futures]
+
+
+async def close_producer(producer: AIOKafkaProducer) -> None:
+    """Stop a producer, giving up on what its broker does not take within PRODUCER_STOP_SECONDS."""
+    try:
+        await asyncio.wait_for(producer.stop(), PRODUCER_STOP_SECONDS)
+    except TimeoutError:
+        # aiokafka has no way to abandon pending batches: end its sender task and its connections by hand.
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and sender.sender_task is not None:
+            sender.sender_task.cancel()
+        await producer.client.close()
+        log.warning("producer stopped with sends the broker never acknowledged (the outbox keeps their rows)")
+
+
 class LeaderLoop:
-    """A process of which one instance works at a time (the relay, the TTL producer): a Kafka producer for its
-    whole life, `lead(conn)` while it holds the lock. Subclasses set LOCK, NAME and ACTIVE and write `lead`."""
+    """A process that works while it holds its lock (the relay, the TTL producer): a Kafka producer, `lead(conn)`
+    while the lock is held. Subclasses set LOCK, NAME and ACTIVE and write `lead`; TRY_LOCK may take it shared.
+
+    A failure starts over with a new connection (the lock is released). A leader whose sends are not acknowledged
+    within `publish_timeout_seconds` steps down: it releases the lock, replaces its producer (whose pending sends
+    may never complete) and stays away STEP_DOWN_SECONDS, so a standby with a working path to Kafka takes over."""
 
     LOCK: int
     NAME: str
     ACTIVE: Gauge
+    TRY_LOCK = sql.TRY_LOCK
 
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
         self.settings = settings
+        self.own_producer = producer is None
         self.producer = producer or kafka.producer(settings)
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
@@ -95,14 +120,57 @@ class LeaderLoop:
         self.stopping.set()
         self.wake.set()
 
+    async def settle(self, futures: Iterable[asyncio.Future]) -> list:
+        """The outcomes of `futures`, waited for at most the publish timeout (see `settle`)."""
+        return await settle(futures, self.settings.publish_timeout_seconds)
+
+    async def acknowledged(self, futures: Iterable[asyncio.Future]) -> None:
+        """Wait for every send (bounded); raise the first failure."""
+        for outcome in await self.settle(futures):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     async def run(self) -> None:
         await self.producer.start()
         try:
-            await lead_while_holding(self.settings.database_url, self.LOCK, self.NAME, self.stopping, self.lead,
-                                     self.ACTIVE)
+            while not self.stopping.is_set():
+                conn = await acquire(self.settings.database_url, self.TRY_LOCK, self.LOCK, self.NAME, self.stopping)
+                if conn is None:
+                    return
+                pause = 0.5
+                self.ACTIVE.set(1)
+                try:
+                    await self.lead(conn)
+                except PublishStalled as exc:
+                    log.error(f"{self.NAME} cannot publish; stepping down", extra={"error": str(exc)})
+                    pause = STEP_DOWN_SECONDS
+                except (*errors.DATABASE_FAILURE, KafkaError) as exc:
+                    log.warning(f"{self.NAME} lost its footing; starting over", extra={"error": repr(exc)})
+                finally:
+                    self.ACTIVE.set(0)
+                    if not conn.is_closed():
+                        await conn.close()  # releases the lock
+                await wait(self.stopping, pause)
+                if pause == STEP_DOWN_SECONDS and self.own_producer:
+                    await self.renew_producer()
         finally:
-            await self.producer.stop()  # flushes what is in flight
+            await close_producer(self.producer)  # flushes what is in flight, within a bound
             log.info(f"{self.NAME} stopped", extra={"published": self.published})
+
+    async def renew_producer(self) -> None:
+        """A fresh producer instead of one whose sends may never complete; retried until the broker answers."""
+        await close_producer(self.producer)
+        while True:
+            self.producer = kafka.producer(self.settings)
+            try:
+                await self.producer.start()
+                return
+            except KafkaError as exc:
+                await close_producer(self.producer)
+                log.warning(f"{self.NAME}: cannot reach Kafka", extra={"error": repr(exc)})
+                if self.stopping.is_set():
+                    return
+                await wait(self.stopping, STEP_DOWN_SECONDS)
 
     async def lead(self, conn: asyncpg.Connection) -> None:
         raise NotImplementedError

@@ -1,15 +1,22 @@
-"""The outbox relay: publishes outbox rows in seq order, marks them published in the same transaction."""
+"""The outbox relay: publishes outbox rows in seq order per shard and deletes them in the same transaction.
+
+Rows carry a shard (a hash of their key, computed by PostgreSQL). Each relay leads a share of the shards under
+one advisory lock per shard, so the rows of a key leave from one relay, in seq order; relays rebalance the shards
+among themselves as they come and go.
+"""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.partitioner import murmur2
 
 from producers import leader, sql
 from service.infra import db, metrics
@@ -18,84 +25,211 @@ from service.write import outbox
 
 log = logging.getLogger("segmentation.relay")
 
-# One round of sends stays within one producer batch (kafka.producer_options max_batch_size).
-ROUND_BYTES = 1024 * 1024 - 64 * 1024
+SHARDS = 24  # the `shard` column of migration 003 is a hash of the key modulo this
+BALANCE_SECONDS = 1.0  # how often a relay counts its peers and takes or hands back shards
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# A topic the broker refuses (authorization, ...) is left alone this long, then tried again on its own.
+REFUSED_SECONDS = (1.0, 60.0)  # first pause, longest pause
+
+
+class TopicRefused(KafkaError):
+    """The broker refused a topic's batch with a non-retriable error; its rows stay for later."""
+
+    def __init__(self, kind: str, error: BaseException):
+        super().__init__(f"{kind}: {error!r}")
+        self.kind, self.error = kind, error
+
+
+@dataclass
+class Row:
+    seq: int
+    kind: str
+    key: bytes | None
+    payload: bytes | None
+    event_id: str
+    headers: list[tuple[str, bytes]]
+    created_at: datetime
+
+
+@dataclass
+class Refusal:
+    until: float
+    pause: float
+
+
+@dataclass
+class Partition:
+    """The rows of one claim bound for one topic partition, in seq order; `single` after a size refusal."""
+
+    topic: str
+    number: int
+    rows: deque[Row] = field(default_factory=deque)
+    single: bool = False
 
 
 class OutboxRelay(leader.LeaderLoop):
     LOCK, NAME, ACTIVE = db.RELAY_LOCK, "relay", metrics.RELAY_ACTIVE
+    TRY_LOCK = sql.TRY_LOCK_SHARED  # presence: every relay holds it; shards are led apart
 
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
         super().__init__(settings, producer)
         self.topics = outbox.topics(settings)
+        self.shards: set[int] = set()
+        self.refused: dict[str, Refusal] = {}
 
     async def lead(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener("segmentation_outbox", lambda *_: self.wake.set())
-        next_purge = next_backlog = 0.0
-        while not self.stopping.is_set():
-            self.wake.clear()
-            now = time.monotonic()
-            if now >= next_backlog:  # before publishing, so a relay stuck on a row still shows its backlog
-                metrics.OUTBOX_BACKLOG.set(await conn.fetchval(sql.BACKLOG))
-                next_backlog = now + 5
-            sent = await self.publish_batch(conn)
-            if now >= next_purge and self.settings.outbox_retention_seconds:
-                await self.purge(conn)
-                next_purge = now + 60
-            if sent < self.settings.relay_batch_max:
-                await leader.wait(self.wake, self.settings.relay_poll_seconds)  # NOTIFY, or the polling fallback
-
-    async def purge(self, conn: asyncpg.Connection) -> None:
-        """Delete published rows past retention, in slices, until none is left (keeps up with any load)."""
-        while (await conn.execute(sql.PURGE, float(self.settings.outbox_retention_seconds))) == f"DELETE {sql.PURGE_SLICE}":  # noqa: ASYNC110 - slices; the sleep only yields
-            await asyncio.sleep(0)  
-
-    async def publish_batch(self, conn: asyncpg.Connection) -> int:
-        """Claim, publish and mark one batch; on any failure the transaction rolls back and rows stay.
-
-        Sends go out in rounds of at most one producer batch of bytes, each awaited before the next: a
-        partition never has two batches in flight, so a failed one cannot be overtaken by the next one
-        (without an idempotent producer Kafka would not keep them in order).
-        """
-        async with conn.transaction():
-            rows = await conn.fetch(sql.CLAIM, self.settings.relay_batch_max)
-            if not rows:
-                return 0
-            round_futures: list[asyncio.Future] = []
-            round_bytes = 0
-            for r in rows:
-                headers = [("event_id", r["event_id"].encode())]
-                if r["headers"]:
-                    headers += [(k, str(v).encode()) for k, v in json.loads(r["headers"]).items()]
-                size = len(r["payload"] or b"") + len(r["key"] or b"") + sum(len(k) + len(v) for k, v in headers)
-                if round_bytes + size > ROUND_BYTES and round_futures:
-                    await _all_acknowledged(round_futures)
-                    round_futures, round_bytes = [], 0
+        self.shards = set()
+        next_balance = next_backlog = 0.0
+        try:
+            while not self.stopping.is_set():
+                self.wake.clear()
+                now = time.monotonic()
+                if now >= next_balance:
+                    await self.balance(conn)
+                    next_balance = now + BALANCE_SECONDS
+                if now >= next_backlog:  # before publishing, so a relay stuck on a row still shows its backlog
+                    metrics.OUTBOX_BACKLOG.set(await conn.fetchval(sql.BACKLOG, sorted(self.shards)))
+                    next_backlog = now + 5
+                sent = await self.publish_refused_again(conn)
                 try:
-                    round_futures.append(await self.producer.send(
-                        self.topics[r["kind"]], value=r["payload"], key=r["key"], headers=headers))
-                except MessageSizeTooLargeError as exc:
-                    # Never retried into a stall: the row is skipped, loudly. (Dead letters are bounded when
-                    # written, so this is a configuration error: a broker limit below the service's.)
-                    metrics.OUTBOX_DROPPED.inc()
-                    log.error("outbox row too large for the producer; skipped",
-                              extra={"seq": r["seq"], "kind": r["kind"], "event_id": r["event_id"], "error": str(exc)})
-                round_bytes += size
-            await _all_acknowledged(round_futures)  # every row acknowledged before it is marked
-            await conn.execute(sql.MARK_PUBLISHED, [r["seq"] for r in rows])
+                    sent += await self.publish_batch(conn, self.open_kinds())
+                except TopicRefused:
+                    continue  # set aside; the other topics go on at once
+                if sent < self.settings.relay_batch_max:  # NOTIFY, the polling fallback, or the next balance
+                    await leader.wait(self.wake, min(self.settings.relay_poll_seconds, next_balance - time.monotonic()))
+        finally:
+            self.shards = set()  # the locks go with the connection
+            metrics.RELAY_SHARDS.set(0)
+
+    async def balance(self, conn: asyncpg.Connection) -> None:
+        """Lead a fair share of the shards: hand back what is over it, take free ones up to it."""
+        fair = -(-SHARDS // max(1, await conn.fetchval(sql.RELAYS, self.LOCK)))
+        if len(self.shards) > fair:
+            for shard in sorted(self.shards)[fair:]:
+                await conn.fetchval(sql.RELEASE_SHARD, self.LOCK, shard)
+                self.shards.discard(shard)
+        elif len(self.shards) < fair:
+            taken = {r[0] for r in await conn.fetch(sql.TAKEN_SHARDS, self.LOCK)}
+            for shard in range(SHARDS):
+                if len(self.shards) >= fair:
+                    break
+                if shard not in taken and await conn.fetchval(sql.TAKE_SHARD, self.LOCK, shard):
+                    self.shards.add(shard)
+        metrics.RELAY_SHARDS.set(len(self.shards))
+
+    def open_kinds(self) -> list[str]:
+        return [k for k in self.topics if k not in self.refused]
+
+    async def publish_refused_again(self, conn: asyncpg.Connection) -> int:
+        """Try a refused topic again once its pause is over, alone, so that its refusal repeats nothing else."""
+        sent = 0
+        for kind, refusal in list(self.refused.items()):
+            if time.monotonic() >= refusal.until:
+                try:
+                    sent += await self.publish_batch(conn, [kind])
+                except TopicRefused:
+                    continue
+                del self.refused[kind]
+                log.info("topic accepted again", extra={"kind": kind, "topic": self.topics[kind]})
+        return sent
+
+    async def publish_batch(self, conn: asyncpg.Connection, kinds: list[str]) -> int:
+        """Claim, publish and delete one batch of the led shards; on any failure the transaction rolls back and
+        the rows stay. A topic the broker refuses is set aside (TopicRefused) so that the others go on."""
+        if not self.shards or not kinds:
+            return 0
+        try:
+            async with conn.transaction():
+                records = await conn.fetch(sql.CLAIM, sorted(self.shards), kinds, self.settings.relay_batch_max)
+                if not records:
+                    return 0
+                rows = sorted((_row(r) for r in records), key=lambda r: r.seq)
+                await self.publish(rows)
+        except TopicRefused as exc:
+            refusal = self.refused.get(exc.kind)
+            pause = REFUSED_SECONDS[0] if refusal is None else min(2 * refusal.pause, REFUSED_SECONDS[1])
+            self.refused[exc.kind] = Refusal(time.monotonic() + pause, pause)
+            metrics.OUTBOX_REFUSED.labels(exc.kind).inc()
+            log.error("the broker refuses a topic; its rows wait, the other topics go on",
+                      extra={"kind": exc.kind, "topic": self.topics[exc.kind], "error": repr(exc.error),
+                             "retry_in_seconds": pause})
+            raise
         now = datetime.now(UTC)
         for r in rows:
-            metrics.PUBLISH_LATENCY.observe((now - r["created_at"]).total_seconds())
-            metrics.OUTBOX_PUBLISHED.labels(r["kind"]).inc()
+            metrics.PUBLISH_LATENCY.observe((now - r.created_at).total_seconds())
+            metrics.OUTBOX_PUBLISHED.labels(r.kind).inc()
         self.published += len(rows)
         return len(rows)
 
+    async def publish(self, rows: list[Row]) -> None:
+        """Send `rows` in rounds of one producer batch per partition, each round acknowledged before the next: a
+        partition never has two batches in flight, so a failed batch cannot be overtaken (without the idempotent
+        producer Kafka would not keep them in order). The caller picks the partition as aiokafka's default
+        partitioner (murmur2, the Java client's) would."""
+        partitions: dict[tuple[str, int], Partition] = {}
+        counts: dict[str, list[int]] = {}
+        for r in rows:
+            topic = self.topics[r.kind]
+            if topic not in counts:
+                try:
+                    counts[topic] = sorted(await self.producer.partitions_for(topic))
+                except KafkaError as exc:
+                    if _refusal(exc):
+                        raise TopicRefused(r.kind, exc) from exc
+                    raise
+            numbers = counts[topic]
+            number = numbers[(murmur2(r.key) & 0x7FFFFFFF) % len(numbers)] if r.key is not None else numbers[0]
+            if (part := partitions.get((topic, number))) is None:
+                part = partitions[topic, number] = Partition(topic, number)
+            part.rows.append(r)
+        waiting = list(partitions.values())
+        while waiting:
+            sends = []
+            for part in waiting:
+                batch, taken = self.producer.create_batch(), list[Row]()
+                while part.rows and not (part.single and taken):
+                    r = part.rows[0]
+                    if batch.append(key=r.key, value=r.payload, timestamp=None, headers=r.headers) is None:
+                        break
+                    taken.append(part.rows.popleft())
+                if not taken:  # larger than a whole producer batch: no broker would take it either
+                    _drop(part.rows.popleft(), "larger than a producer batch")
+                    continue
+                sends.append((part, taken, await self.producer.send_batch(batch, part.topic, partition=part.number)))
+            outcomes = await self.settle(future for *_, future in sends)
+            for (part, taken, _), outcome in zip(sends, outcomes, strict=True):
+                if isinstance(outcome, TOO_LARGE):
+                    if len(taken) > 1:  # over the topic's limit together: send them one by one to find the culprit
+                        part.rows.extendleft(reversed(taken))
+                        part.single = True
+                    else:
+                        _drop(taken[0], repr(outcome))
+                elif _refusal(outcome):
+                    raise TopicRefused(taken[0].kind, outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+            waiting = [p for p in waiting if p.rows]
 
-async def _all_acknowledged(futures: list[asyncio.Future]) -> None:
-    """Wait for every send of a round, even after one failed (nothing left in flight), then raise the first error."""
-    for outcome in await asyncio.gather(*futures, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
+
+def _row(r: asyncpg.Record) -> Row:
+    headers = [("event_id", r["event_id"].encode())]
+    if r["headers"]:
+        headers += [(k, str(v).encode()) for k, v in json.loads(r["headers"]).items()]
+    return Row(r["seq"], r["kind"], r["key"], r["payload"], r["event_id"], headers, r["created_at"])
+
+
+def _refusal(outcome: object) -> bool:
+    """A broker's final no to a topic (authorization, invalid topic, ...), not a timeout or a lost connection."""
+    return isinstance(outcome, KafkaError) and not outcome.retriable and not isinstance(outcome, KafkaTimeoutError)
+
+
+def _drop(row: Row, reason: str) -> None:
+    """Never retried into a stall: a row no broker takes is skipped, loudly. (Dead letters are bounded when written,
+    so this is a configuration error: a broker limit below the service's.)"""
+    metrics.OUTBOX_DROPPED.inc()
+    log.error("outbox row refused as too large; skipped",
+              extra={"seq": row.seq, "kind": row.kind, "event_id": row.event_id, "error": reason})
 
 
 async def main(settings: Settings) -> None:

@@ -5,18 +5,22 @@ TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
 
 # --- outbox relay -------------------------------------------------------------------------------------
 # Never a "last id seen" cursor: seq is handed out at INSERT but visible at COMMIT, so a cursor skips rows.
-# FOR UPDATE without SKIP LOCKED: a new leader waits for the old one's transaction instead of overtaking it.
+# FOR UPDATE without SKIP LOCKED: a new leader of a shard waits for the old one's transaction instead of overtaking
+# it. The rows are deleted at once; if publishing fails, the transaction rolls back and they are there again.
 CLAIM = """
-SELECT seq, kind, key, payload, event_id, headers::text AS headers, created_at
-FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE
-"""
-MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])"
-PURGE_SLICE = 20_000
-PURGE = f"""
 DELETE FROM outbox WHERE seq IN (
-    SELECT seq FROM outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT {PURGE_SLICE})
+    SELECT seq FROM outbox WHERE shard = ANY($1::smallint[]) AND kind = ANY($2::text[]) ORDER BY seq LIMIT $3
+    FOR UPDATE)
+RETURNING seq, kind, key, payload, event_id, headers::text AS headers, created_at
 """
-BACKLOG = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+BACKLOG = "SELECT count(*) FROM outbox WHERE shard = ANY($1::smallint[])"
+# Relays take the presence lock shared (the one-key form); shards are the two-key form (RELAY_LOCK, shard).
+_ADVISORY = "locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+RELAYS = f"SELECT count(*) FROM pg_locks WHERE {_ADVISORY} AND objsubid = 1 AND classid = 0 AND objid::bigint = $1"
+TAKEN_SHARDS = f"SELECT objid::int FROM pg_locks WHERE {_ADVISORY} AND objsubid = 2 AND classid::bigint = $1"
+TRY_LOCK_SHARED = "SELECT pg_try_advisory_lock_shared($1)"
+TAKE_SHARD = "SELECT pg_try_advisory_lock($1::int, $2::int)"
+RELEASE_SHARD = "SELECT pg_advisory_unlock($1::int, $2::int)"
 
 # --- TTL producer -------------------------------------------------------------------------------------
 # Due memberships after a cursor, through the (expires_at, user_id, segment_id) index.

@@ -88,7 +88,7 @@ class TtlProducer(leader.LeaderLoop):
                     self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
                 sent[command_id] = r["expires_at"]
                 lag = max(lag, (datetime.now(UTC) - r["expires_at"]).total_seconds())
-            await asyncio.gather(*futures)
+            await self.acknowledged(futures)  # bounded: a leader that cannot publish steps down
             self.recent.update({cid: datetime.now(UTC) for cid in sent})  # only what the broker acknowledged
             metrics.TTL_EXPIRIES.inc(len(futures))
             self.published += len(futures)

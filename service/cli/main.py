@@ -52,7 +52,7 @@ def worker() -> None:
 
 @app.command()
 def relay() -> None:
-    """Run the outbox relay (one active at a time; others stand by)."""
+    """Run the outbox relay (several share the outbox shards; each key's rows leave from one of them)."""
     from producers.relay import main
 
     _run_with_metrics(main)
@@ -102,13 +102,14 @@ def topics() -> None:
 
 
 @app.command()
-def dev(workers: int = typer.Option(1, min=1, help="Worker processes to start.")) -> None:
+def dev(workers: int = typer.Option(1, min=1, help="Worker processes to start."),
+        relays: int = typer.Option(1, min=1, help="Relay processes to start (they share the outbox shards).")) -> None:
     """Everything on one machine: embedded PostgreSQL and broker, topics, migrations, all processes."""
     from service.dev import supervisor as dev_stack
 
     os.environ.setdefault("LOG_FORMAT", "text")  # a person reads these logs; the processes inherit it
     _settings()
-    raise typer.Exit(dev_stack.run(workers))
+    raise typer.Exit(dev_stack.run(workers, relays))
 
 
 @app.command("export-schemas")

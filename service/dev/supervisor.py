@@ -33,7 +33,7 @@ Ctrl-C stops everything.
 """
 
 
-def run(workers: int = 1) -> int:
+def run(workers: int = 1, relays: int = 1) -> int:
     # SIGTERM behaves like Ctrl-C from the first instant, so the servers are stopped even during start-up; and
     # Ctrl-C works even where it was ignored when we started (a background job of a non-interactive shell).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -53,7 +53,7 @@ def run(workers: int = 1) -> int:
             asyncio.run(_prepare(settings))
             children += [
                 subprocess.Popen([sys.executable, "-m", "service.cli", name], env=env)
-                for name in PROCESSES for _ in range(workers if name == "worker" else 1)
+                for name in PROCESSES for _ in range({"worker": workers, "relay": relays}.get(name, 1))
             ]
             print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
                              database=database), file=sys.stderr, flush=True)
@@ -94,15 +94,15 @@ async def _prepare(settings: Settings) -> None:
 
 
 @contextmanager
-def child_stack(workers: int = 1, extra_env: dict | None = None, ready_timeout: float = 90.0):
+def child_stack(workers: int = 1, extra_env: dict | None = None, ready_timeout: float = 90.0, relays: int = 1):
     """Run `segmentation dev` as a child process on free ports (benchmarks, end-to-end tests); yield its
     Settings; SIGTERM it at the end."""
     kafka_port, http_port = embedded.free_port(), embedded.free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
     env |= {"DEV_KAFKA_PORT": str(kafka_port), "HTTP_PORT": str(http_port), "LOG_LEVEL": "WARNING"}
     env |= extra_env or {}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev", "--workers", str(workers)], env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev", "--workers", str(workers),
+                             "--relays", str(relays)], env=env, start_new_session=True)
     try:
         embedded.wait_port("127.0.0.1", http_port, timeout=ready_timeout, proc=proc)
         settings = Settings(kafka_bootstrap_servers=f"127.0.0.1:{kafka_port}", http_port=http_port)

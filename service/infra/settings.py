@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 
     relay_batch_max: int = Field(default=5000, ge=1)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
-    outbox_retention_seconds: int = Field(default=3600, ge=0)
+    publish_timeout_seconds: float = Field(default=30.0, gt=0)
 
     ttl_batch_max: int = Field(default=5000, ge=1)
     ttl_max_sleep_seconds: float = Field(default=30.0, gt=0)

@@ -1,15 +1,15 @@
-"""The outbox relay: order per key when a producer batch fails, no stall on a refused row, purge."""
+"""The outbox relay: order per key when a producer batch fails, no stall on a refused row or topic, shards shared
+by relays, bounded waits."""
 import asyncio
 import json
 
-import asyncpg
-from aiokafka.errors import RequestTimedOutError
+from aiokafka.errors import MessageSizeTooLargeError, RequestTimedOutError, TopicAuthorizationFailedError
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from producers.relay import OutboxRelay
+from producers.relay import SHARDS, OutboxRelay
 from schemas.commands import CreateSegment
-from service.infra import db, kafka
+from service.infra import db, kafka, metrics
 from tests.support.harness import Stack, cid
 from tests.support.helpers import wait_until
 
@@ -53,36 +53,18 @@ async def test_a_failed_batch_does_not_reorder_a_users_events(conn, settings, mo
 
     relay = OutboxRelay(settings)
     task = asyncio.create_task(relay.run())
-    await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"), 60)
+    await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox"), 60)
     relay.stop()
     await task
 
     seen, order = set(), []
     for r in await read_all(settings, settings.membership_topic):
-        eid = dict(r.headers)["event_id"]
+        eid = _event_id(r)
         if eid not in seen:  # the README's consumer: deduplicate by event_id
             seen.add(eid)
             order.append(json.loads(r.value)["n"])
     assert len(order) == N
     assert order == sorted(order)  # after deduplication by event_id, the events of user 1 in order
-
-
-async def test_purge_keeps_up_with_published_rows(conn, settings):
-    # 120 000 rows published two hours ago: far past the 1 h retention.
-    await conn.execute("""
-        INSERT INTO outbox (kind, key, payload, event_id, published_at)
-        SELECT 'membership', 'k', 'v', g::text, now() - interval '2 hours' FROM generate_series(1, 120000) g""")
-    relay = OutboxRelay(settings, producer=object())   # nothing unpublished: the producer is never used
-    leader_conn = await asyncpg.connect(settings.database_url)
-    try:
-        task = asyncio.create_task(relay.lead(leader_conn))
-        await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox"), 30, message="the purge")
-        relay.stop()
-        await task
-    finally:
-        await leader_conn.close()
-    left = await conn.fetchval("SELECT count(*) FROM outbox")
-    assert left == 0
 
 
 async def test_a_refused_row_neither_floods_nor_stalls(conn, settings):
@@ -93,14 +75,14 @@ async def test_a_refused_row_neither_floods_nor_stalls(conn, settings):
                 '{"error.code": "INVALID_JSON", "error.message": "value is not JSON"}')""")
     relay = OutboxRelay(settings)
     task = asyncio.create_task(relay.run())
-    await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"), 30,
+    await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox"), 30,
                      message="both rows handled")
     await asyncio.sleep(1)  # a relay stuck in a loop would publish e1 again meanwhile
     relay.stop()
     await task
     got = len(await read_all(settings, settings.membership_topic))
-    unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-    assert got == 1 and unpublished == 0
+    left = await conn.fetchval("SELECT count(*) FROM outbox")
+    assert got == 1 and left == 0
 
 
 LIMIT = 1048576  # aiokafka's default max_request_size (the relay does not change it)
@@ -125,7 +107,7 @@ async def _insert_row(conn, event_id: str) -> None:
 
 
 async def _published(conn, event_id: str) -> bool:
-    return await conn.fetchval("SELECT published_at IS NOT NULL FROM outbox WHERE event_id = $1", event_id)
+    return not await conn.fetchval("SELECT count(*) FROM outbox WHERE event_id = $1", event_id)  # deleted once published
 
 
 async def test_notify_wakes_the_relay_long_before_its_polling_fallback(conn, settings):
@@ -142,19 +124,157 @@ async def test_notify_wakes_the_relay_long_before_its_polling_fallback(conn, set
         await task
 
 
-async def test_a_standby_relay_takes_over_when_the_active_one_dies(conn, settings):
+async def _shards_led(conn) -> list[int]:
+    """Shards led per relay session, by backend pid order."""
+    rows = await conn.fetch("SELECT pid, count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                            "AND objsubid = 2 AND classid = $1 GROUP BY pid ORDER BY pid", db.RELAY_LOCK)
+    return [r["n"] for r in rows]
+
+
+async def test_relays_share_the_shards_and_a_survivor_takes_the_dead_ones(conn, settings):
     relays = [OutboxRelay(settings), OutboxRelay(settings)]
     tasks = [asyncio.create_task(r.run()) for r in relays]
     try:
+        await wait_until(lambda: _even(conn), 15, message="the shards shared")
         await _insert_row(conn, "first")
-        await wait_until(lambda: _published(conn, "first"), 10, message="the active relay")
-        # The active one's session dies as if its process had: PostgreSQL drops the lock with the connection.
+        await wait_until(lambda: _published(conn, "first"), 10, message="a relay publishing")
+        # One relay's session dies as if its process had: PostgreSQL drops its locks with the connection.
         await conn.execute(
-            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objid = $1 "
-            "AND l.granted", db.RELAY_LOCK)
-        await _insert_row(conn, "second")
-        await wait_until(lambda: _published(conn, "second"), 15, message="the standby taking over")
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+            "AND classid = $1 LIMIT 1", db.RELAY_LOCK)
+        # Rows of every shard, each key's in order.
+        await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
+            SELECT 'membership', convert_to((g % 100)::text, 'UTF8'), convert_to(json_build_object('n', g)::text, 'UTF8'),
+                   'e' || g FROM generate_series(1, 2000) g""")
+        await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox"), 30, message="every shard published")
     finally:
         for r in relays:
             r.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+    per_key: dict[bytes, list[int]] = {}
+    for r in await consume(settings, settings.membership_topic, 2001, timeout=30):
+        if r.key != b"1" or json.loads(r.value):  # skip the row "first"
+            per_key.setdefault(r.key, []).append(json.loads(r.value)["n"])
+    assert sum(len(v) for v in per_key.values()) >= 2000
+    for numbers in per_key.values():
+        firsts = list(dict.fromkeys(numbers))  # deduplicated, first delivery kept
+        assert firsts == sorted(firsts)
+
+
+async def _even(conn) -> bool:
+    return await _shards_led(conn) == [SHARDS // 2, SHARDS // 2]
+
+
+# --- faults the broker brings (issue 8) -------------------------------------------------------------------
+
+async def consume(settings, topic: str, want: int, timeout: float) -> list:
+    """Records of `topic` from the beginning until `want` have arrived; fails after `timeout` s."""
+    consumer = kafka.consumer(settings, group=None, fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        await consumer.seek_to_beginning(*await kafka.assign_all(consumer, topic))
+        records: list = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(records) < want:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{len(records)} of {want} records on {topic} after {timeout} s")
+            batch = await consumer.getmany(timeout_ms=200)
+            records += [r for recs in batch.values() for r in recs]
+        return records
+    finally:
+        await consumer.stop()
+
+
+def _event_id(record) -> str:
+    return dict(record.headers)["event_id"].decode()
+
+
+def broker_answers(monkeypatch, refuse) -> None:
+    """The broker answers a batch with `refuse(topic_partition, batch)` (an exception, or None to accept it): what
+    aiokafka's sender does with a produce response that carries a non-retriable error code."""
+    original = aiokafka_sender.SendProduceReqHandler.do
+
+    async def do(self, node_id):
+        kept = {}
+        for tp, batch in self._batches.items():
+            error = refuse(tp, batch)
+            if error is None:
+                kept[tp] = batch
+            else:
+                batch.failure(exception=error)
+        self._batches = kept  # the caller still unmutes every partition of the request
+        if kept:
+            return await original(self, node_id)
+
+    monkeypatch.setattr(aiokafka_sender.SendProduceReqHandler, "do", do)
+
+
+async def test_a_topic_the_broker_refuses_does_not_stall_the_other_topics(conn, settings, monkeypatch):
+    refusing = {"on": True}
+    broker_answers(monkeypatch, lambda tp, _: TopicAuthorizationFailedError(tp.topic)
+                   if refusing["on"] and tp.topic == settings.dlq_topic else None)
+    await conn.execute("INSERT INTO outbox (kind, key, payload, event_id) VALUES ('dlq', 'k', 'not json', 'd1')")
+    await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
+        SELECT 'membership', convert_to(g::text, 'UTF8'), '{}', 'e' || g FROM generate_series(1, 20) g""")
+    relay = OutboxRelay(settings)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE kind = 'membership'"), 30,
+                         message="the other topics published and done")
+        events = await consume(settings, settings.membership_topic, 20, timeout=30)
+        assert {_event_id(r) for r in events} == {f"e{g}" for g in range(1, 21)}
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'dlq'") == 1  # kept, not lost
+        refusing["on"] = False  # permission granted: the held row goes out
+        dead = await consume(settings, settings.dlq_topic, 1, timeout=90)
+        assert _event_id(dead[0]) == "d1"
+    finally:
+        relay.stop()
+        await task
+
+
+async def test_a_row_over_the_topics_size_limit_is_dropped_alone(conn, settings, monkeypatch):
+    limit = 100_000  # the topic's max.message.bytes, below the producer's batch size
+    broker_answers(monkeypatch, lambda tp, batch: MessageSizeTooLargeError()
+                   if len(batch.get_data_buffer()) > limit else None)
+    await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
+        SELECT 'membership', '1', convert_to(repeat('x', CASE WHEN g = 2 THEN 150000 ELSE 10 END), 'UTF8'), 'e' || g
+        FROM generate_series(1, 3) g""")
+    dropped = metrics.OUTBOX_DROPPED._value.get()
+    relay = OutboxRelay(settings)
+    task = asyncio.create_task(relay.run())
+    try:
+        events = await consume(settings, settings.membership_topic, 2, timeout=30)
+    finally:
+        relay.stop()
+        await task
+    assert [_event_id(r) for r in events] == ["e1", "e3"]  # in order, the refused one left out
+    assert metrics.OUTBOX_DROPPED._value.get() == dropped + 1
+
+
+async def test_a_leader_that_cannot_publish_steps_down(conn, settings, monkeypatch):
+    # The idempotent producer (the production setting) never expires a batch: a broker that takes the connection
+    # but never answers leaves every send pending for ever. Here the first relay's sends hang like that.
+    original, hung = aiokafka_sender.SendProduceReqHandler.do, set()
+
+    async def do(self, node_id):
+        if self._sender in hung:
+            await asyncio.sleep(3600)
+        return await original(self, node_id)
+
+    monkeypatch.setattr(aiokafka_sender.SendProduceReqHandler, "do", do)
+    settings = settings.model_copy(update={"publish_timeout_seconds": 3.0})
+    first, standby = OutboxRelay(settings), OutboxRelay(settings)
+    hung.add(first.producer._sender)
+    tasks = [asyncio.create_task(first.run())]
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND granted"), 10, message="the first relay")
+        tasks.append(asyncio.create_task(standby.run()))
+        await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
+            SELECT 'membership', convert_to(g::text, 'UTF8'), '{}', 'e' || g FROM generate_series(1, 20) g""")
+        events = await consume(settings, settings.membership_topic, 20, timeout=60)
+        assert {_event_id(r) for r in events} >= {f"e{g}" for g in range(1, 21)}
+    finally:
+        first.stop()
+        standby.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)  # stopping is bounded too
