@@ -26,8 +26,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# Every measure of the performance table beside the naive baselines of ../shared/bench; BENCH_ARGS e.g.
+# "--workers 2 --relays 2". The read measure needs wrk (installed with apt-get when missing, as root).
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/segmentation export-schemas

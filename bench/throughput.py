@@ -21,7 +21,8 @@ from schemas.commands import CreateSegment
 from service.infra import kafka
 
 
-async def run(settings, commands: int, probes: int, rate: int) -> None:
+async def run(settings, commands: int, probes: int, rate: int) -> float:
+    """Prints the figures; returns commands/s (publish to last result)."""
     base = f"http://127.0.0.1:{settings.http_port}"
     slugs = ["BENCH_A", "BENCH_B"]
     async with CommandClient(settings) as client:
@@ -88,19 +89,21 @@ async def run(settings, commands: int, probes: int, rate: int) -> None:
         print(f"freshness (publish -> visible over HTTP) under load, {len(freshness)} probes: "
               f"p50 {percentile(freshness, 50) * 1000:.0f} ms, p99 {percentile(freshness, 99) * 1000:.0f} ms, "
               f"max {max(freshness) * 1000:.0f} ms")
+    return commands / elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commands", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--relays", type=int, default=1)
     parser.add_argument("--probes", type=int, default=None,
                         help="Freshness probes (default: 50 with --rate, none for a burst: their polling costs CPU).")
     parser.add_argument("--rate", type=int, default=0, help="Offered load in commands/s (0: publish at once).")
     args = parser.parse_args()
     if args.probes is None:
         args.probes = 50 if args.rate else 0
-    with dev_stack(args.workers) as settings:
+    with dev_stack(args.workers, relays=args.relays) as settings:
         asyncio.run(run(settings, args.commands, args.probes, args.rate))
 
 

@@ -21,7 +21,8 @@ from streams import run_commands, tail
 from schemas.common import format_time
 
 
-async def run(settings, users: int, lead: float, timeout: float) -> None:
+async def run(settings, users: int, lead: float, timeout: float) -> float:
+    """Prints the figures; returns the worst lag in seconds."""
     slug = f"TTL_{uuid.uuid4().hex[:8]}"
     run_id = uuid.uuid4().hex[:8]
     create = {"type": "CreateSegment", "command_id": f"{run_id}-seg", "slug": slug}
@@ -55,7 +56,8 @@ async def run(settings, users: int, lead: float, timeout: float) -> None:
         raise SystemExit("no expiry event received")
     print(f"expiry events received: {len(values)}/{users}; lag expires_at -> received: "
           f"min {min(values):.3f} s, p50 {percentile(values, 50):.3f} s, p99 {percentile(values, 99):.3f} s, "
-          f"max {max(values):.3f} s (target max <= 2 s)")
+          f"max {max(values):.3f} s (target max <= 1 s)")
+    return max(values) if len(values) == users else float("inf")
 
 
 def main() -> None:

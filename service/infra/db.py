@@ -13,7 +13,7 @@ log = logging.getLogger("segmentation.db")
 
 # Every PostgreSQL advisory lock id of the service, here so that none collide.
 MIGRATION_LOCK = 7_361_001  # session lock: one migrator at a time
-RELAY_LOCK = 7_361_002  # session lock: the active outbox relay
+RELAY_LOCK = 7_361_002  # session locks: shared by every relay present; (RELAY_LOCK, shard) leads a shard
 TTL_LOCK = 7_361_003  # session lock: the active TTL producer
 ROLLOUT_LOCK = 7_361_004  # transaction lock: registrations (shared) vs. rollout starts (exclusive), write/sql.py
 
