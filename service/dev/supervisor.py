@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from typing import NoReturn
 
 from service.dev import embedded
 from service.infra import db, kafka
@@ -41,7 +42,7 @@ def run(workers: int = 1, relays: int = 1) -> int:
     settings = Settings()
     external_db = "DATABASE_URL" in os.environ
     external_kafka = "KAFKA_BOOTSTRAP_SERVERS" in os.environ
-    children: list[subprocess.Popen] = []
+    children: list[Child] = []
     try:
         with ExitStack() as stack:
             database = settings.database_url if external_db else stack.enter_context(embedded.postgres())
@@ -51,39 +52,72 @@ def run(workers: int = 1, relays: int = 1) -> int:
             env = os.environ | {"DATABASE_URL": database, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
             settings = Settings(database_url=database, kafka_bootstrap_servers=bootstrap)
             asyncio.run(_prepare(settings))
-            children += [
-                subprocess.Popen([sys.executable, "-m", "service.cli", name], env=env)
-                for name in PROCESSES for _ in range({"worker": workers, "relay": relays}.get(name, 1))
-            ]
+            children += [Child(name, env) for name in PROCESSES
+                         for _ in range({"worker": workers, "relay": relays}.get(name, 1))]
+            for child in children:
+                child.start()
             print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
                              database=database), file=sys.stderr, flush=True)
             try:
-                return _wait_for_exit(children)
+                _heal(children)
             finally:
                 _stop(children)
     except KeyboardInterrupt:
         return 0
 
 
-def _wait_for_exit(children: list[subprocess.Popen]) -> int:
-    """Block until a child dies on its own (1); Ctrl-C or SIGTERM raise KeyboardInterrupt."""
+class Child:
+    """One process of the stack, started again when it dies: after 1 s, then twice as long each time it dies
+    again soon (at most MAX_PAUSE); a process that stayed up STABLE_SECONDS starts again from 1 s."""
+
+    MAX_PAUSE, STABLE_SECONDS = 30.0, 60.0
+
+    def __init__(self, name: str, env: dict[str, str], argv: list[str] | None = None):
+        self.name, self.env = name, env
+        self.argv = argv or [sys.executable, "-m", "service.cli", name]
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.pause = 0.0
+        self.restart_at: float | None = None
+
+    def start(self, now: float | None = None) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.started_at, self.restart_at = time.monotonic() if now is None else now, None
+
+    def check(self, now: float) -> None:
+        """Notice a death, and start the process again once its pause is over."""
+        assert self.proc is not None
+        if self.restart_at is None and self.proc.poll() is not None:
+            stable = now - self.started_at >= self.STABLE_SECONDS
+            self.pause = 1.0 if stable or not self.pause else min(self.pause * 2, self.MAX_PAUSE)
+            self.restart_at = now + self.pause
+            log.error("a process died; starting it again", extra={
+                "child": self.name, "pid": self.proc.pid, "exit_code": self.proc.returncode,
+                "restart_in_seconds": self.pause})
+        elif self.restart_at is not None and now >= self.restart_at:
+            self.start(now)
+            log.warning("process started again", extra={"child": self.name, "pid": self.proc.pid})
+
+
+def _heal(children: list[Child]) -> NoReturn:
+    """Run until Ctrl-C or SIGTERM (KeyboardInterrupt), starting again whatever dies."""
     while True:
+        now = time.monotonic()
         for child in children:
-            if child.poll() is not None:
-                log.error("a process exited; stopping everything", extra={"args": child.args, "code": child.returncode})
-                return 1
-        time.sleep(0.5)
+            child.check(now)
+        time.sleep(0.2)
 
 
-def _stop(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in children:
+def _stop(children: list[Child]) -> None:
+    procs = [child.proc for child in children if child.proc is not None]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
         try:
-            child.wait(15)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
-            child.kill()
+            proc.kill()
 
 
 async def _prepare(settings: Settings) -> None:
