@@ -8,7 +8,9 @@ from schemas.commands import (
     ExpireMembership,
     RegisterUsers,
     SlugAdd,
+    StartMembership,
     UpdateSegment,
+    UpdateSegmentMembers,
     UpdateUserSegments,
 )
 from schemas.events import MembershipChanged, SegmentChanged
@@ -16,6 +18,6 @@ from schemas.results import CommandResult, ErrorCode, ErrorInfo
 
 __all__ = [
     "Command", "COMMAND_ADAPTER", "COMMAND_TYPES", "CreateSegment", "DeleteSegment", "ExpireMembership",
-    "RegisterUsers", "SlugAdd", "UpdateSegment", "UpdateUserSegments", "MembershipChanged",
-    "SegmentChanged", "CommandResult", "ErrorCode", "ErrorInfo",
+    "RegisterUsers", "SlugAdd", "StartMembership", "UpdateSegment", "UpdateSegmentMembers", "UpdateUserSegments",
+    "MembershipChanged", "SegmentChanged", "CommandResult", "ErrorCode", "ErrorInfo",
 ]

@@ -6,20 +6,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from schemas.commands import (
-    SEGMENT_COMMANDS,
-    CreateSegment,
-    DeleteSegment,
-    ExpireMembership,
-    RegisterUsers,
-    UpdateSegment,
-    UpdateUserSegments,
-)
+from schemas.commands import COMMAND_MODELS, SEGMENT_COMMANDS, RegisterUsers
 from schemas.common import SLUG_PATTERN
 from schemas.events import MembershipChanged, SegmentChanged
 from schemas.results import CommandResult
 
-COMMAND_MODELS = (CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership)
 EVENT_MODELS = (MembershipChanged, SegmentChanged, CommandResult)
 # What decoding finds wrong, and UNPROCESSABLE: a well-formed record the worker failed on (quarantined).
 DLQ_ERROR_CODES = ("INVALID_JSON", "NOT_AN_OBJECT", "UNKNOWN_TYPE", "MISSING_COMMAND_ID", "INVALID_FIELDS",

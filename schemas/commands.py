@@ -7,6 +7,7 @@ from schemas.common import CommandId, Description, Message, Percent, Slug, UserI
 
 MAX_SLUGS_PER_COMMAND = 1000
 MAX_USERS_PER_REGISTRATION = 10_000
+MAX_USERS_PER_SEGMENT_UPDATE = 100_000
 
 
 class CommandBase(Message):
@@ -15,12 +16,13 @@ class CommandBase(Message):
 
 
 class CreateSegment(CommandBase):
-    """Create a segment, optionally rolled out to a percent of users."""
+    """Create a segment, optionally rolled out to a percent of users (exclusively within its `layer`)."""
 
     type: Literal["CreateSegment"] = "CreateSegment"
     slug: Slug
     description: Description | None = None
     auto_percent: Percent | None = None
+    layer: Slug | None = None
 
 
 class UpdateSegment(CommandBase):
@@ -40,11 +42,12 @@ class DeleteSegment(CommandBase):
 
 
 class SlugAdd(Message):
-    """One slug to add, with an optional expiry."""
+    """One slug to add, with an optional expiry and an optional start (the TTL then counts from the start)."""
 
     slug: Slug
     expires_at: UtcTime | None = None
     ttl_seconds: int | None = Field(default=None, strict=True)
+    starts_at: UtcTime | None = None
 
 
 class UpdateUserSegments(CommandBase):
@@ -74,7 +77,7 @@ class RegisterUsers(CommandBase):
 
 
 class ExpireMembership(CommandBase):
-    """Published by the TTL producer: remove a membership whose time is up."""
+    """Published by the scheduler (TTL producer): remove a membership whose time is up."""
 
     type: Literal["ExpireMembership"] = "ExpireMembership"
     user_id: UserId
@@ -82,17 +85,45 @@ class ExpireMembership(CommandBase):
     expires_at: UtcTime
 
 
+class StartMembership(CommandBase):
+    """Published by the scheduler (TTL producer): a scheduled membership's start is due."""
+
+    type: Literal["StartMembership"] = "StartMembership"
+    user_id: UserId
+    slug: Slug
+    starts_at: UtcTime
+
+
+class UpdateSegmentMembers(CommandBase):
+    """Add and remove users of one segment in one atomic step (an uploaded list); keyed by the slug.
+
+    For each user it does what an `UpdateUserSegments` naming only this slug would do. The rules that make a
+    well-formed command invalid (a user in both lists or listed twice, more than 100 000 ids, an expiry in the
+    past, both expiry fields) are checked by the worker and answered with `INVALID_COMMAND`, not dead-lettered.
+    """
+
+    type: Literal["UpdateSegmentMembers"] = "UpdateSegmentMembers"
+    slug: Slug
+    add: list[UserId] = Field(default_factory=list)
+    remove: list[UserId] = Field(default_factory=list)
+    ttl_seconds: int | None = Field(default=None, strict=True)
+    expires_at: UtcTime | None = None
+    starts_at: UtcTime | None = None
+
+
+COMMAND_MODELS = (CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership,
+                  UpdateSegmentMembers, StartMembership)
 Command = Annotated[
-    CreateSegment | UpdateSegment | DeleteSegment | UpdateUserSegments | RegisterUsers | ExpireMembership,
+    CreateSegment | UpdateSegment | DeleteSegment | UpdateUserSegments | RegisterUsers | ExpireMembership
+    | UpdateSegmentMembers | StartMembership,
     Field(discriminator="type"),
 ]
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
-COMMAND_TYPES = {
-    m.model_fields["type"].default: m
-    for m in (CreateSegment, UpdateSegment, DeleteSegment, UpdateUserSegments, RegisterUsers, ExpireMembership)
-}
-USER_COMMANDS = (UpdateUserSegments, RegisterUsers, ExpireMembership)
-SEGMENT_COMMANDS = (CreateSegment, UpdateSegment, DeleteSegment)
+COMMAND_TYPES = {m.model_fields["type"].default: m for m in COMMAND_MODELS}
+USER_COMMANDS = (UpdateUserSegments, RegisterUsers, ExpireMembership, StartMembership)
+# Keyed by slug, each alone in its transaction (UpdateSegmentMembers too: it names one segment).
+SEGMENT_COMMANDS = (CreateSegment, UpdateSegment, DeleteSegment, UpdateSegmentMembers)
+SCHEDULER_COMMANDS = (ExpireMembership, StartMembership)
 
 
 def command_key(command: Command) -> bytes:

@@ -1,10 +1,15 @@
 """Events published by the outbox relay."""
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from schemas.common import CommandId, Message, Percent, Slug, UserId, UtcTime
 
 MembershipChange = Literal["added", "removed"]
-Reason = Literal["command", "auto_percent", "expired", "segment_deleted"]
+Reason = Literal["command", "auto_percent", "expired", "segment_deleted", "scheduled"]
+# Written only for a segment in a layer (left out of the JSON otherwise).
+_IN_LAYER = Field(default=None, exclude_if=lambda v: v is None)
+Bucket = Annotated[int, Field(ge=0, le=10_000)]
 
 
 class MembershipChanged(Message):
@@ -22,7 +27,11 @@ class MembershipChanged(Message):
 
 
 class SegmentChanged(Message):
-    """A segment was created, updated or deleted (`segmentation.segment-changed.v1`, key slug)."""
+    """A segment was created, updated or deleted (`segmentation.segment-changed.v1`, key slug).
+
+    A segment in a layer also carries `layer` and its bucket range `[bucket_start, bucket_end)` (null before it
+    first has a percent).
+    """
 
     event_id: str
     type: Literal["SegmentChanged"] = "SegmentChanged"
@@ -32,3 +41,6 @@ class SegmentChanged(Message):
     auto_percent: Percent
     occurred_at: UtcTime
     command_id: CommandId
+    layer: Slug | None = _IN_LAYER
+    bucket_start: Bucket | None = _IN_LAYER
+    bucket_end: Bucket | None = _IN_LAYER

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from schemas.asyncapi import COMMAND_MODELS, EVENT_MODELS, document
-from schemas.commands import Command
+from schemas.asyncapi import EVENT_MODELS, document
+from schemas.commands import COMMAND_MODELS, Command
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

@@ -22,12 +22,15 @@ from schemas import (
     RegisterUsers,
     SegmentChanged,
     SlugAdd,
+    StartMembership,
     UpdateSegment,
+    UpdateSegmentMembers,
     UpdateUserSegments,
     openapi,
     topics,
 )
-from schemas.asyncapi import COMMAND_MODELS, DLQ_ERROR_CODES, document
+from schemas.asyncapi import DLQ_ERROR_CODES, document
+from schemas.commands import COMMAND_MODELS
 from schemas.export import export
 from service.write.decoding import InboundRecord, decode
 
@@ -46,6 +49,10 @@ COMMANDS = [
     UpdateUserSegments(command_id="c-4", user_id=1000, add=["A", SlugAdd(slug="B", ttl_seconds=60)], remove=["C"]),
     RegisterUsers(command_id="c-5", user_ids=[1, 2**63 - 1]),
     ExpireMembership(command_id="c-6", user_id=1000, slug="B", expires_at=NOW),
+    UpdateSegmentMembers(command_id="c-7", slug="B", add=[1, 2, 3], remove=[4], ttl_seconds=3600, starts_at=NOW),
+    StartMembership(command_id="c-8", user_id=1000, slug="B", starts_at=NOW),
+    CreateSegment(command_id="c-9", slug="DISCOUNT_30", auto_percent=Decimal(30), layer="discounts"),
+    UpdateUserSegments(command_id="c-10", user_id=1, add=[SlugAdd(slug="B", starts_at=NOW, ttl_seconds=60)]),
 ]
 EVENTS = [
     MembershipChanged(event_id="e-1", change="added", user_id=1000, slug="B", reason="command", expires_at=NOW,
@@ -54,6 +61,12 @@ EVENTS = [
                       occurred_at=NOW, command_id=None),
     SegmentChanged(event_id="e-3", change="created", slug="A", description=None, auto_percent=Decimal("12.5"),
                    occurred_at=NOW, command_id="c-1"),
+    SegmentChanged(event_id="e-4", change="updated", slug="DISCOUNT_30", description=None, auto_percent=Decimal(30),
+                   occurred_at=NOW, command_id="c-9", layer="discounts", bucket_start=5000, bucket_end=8000),
+    MembershipChanged(event_id="e-5", change="added", user_id=1000, slug="B", reason="scheduled", expires_at=None,
+                      occurred_at=NOW, command_id="c-8"),
+    CommandResult(command_id="c-9", type="CreateSegment", status="rejected", events=0, processed_at=NOW,
+                  error=ErrorInfo(code=ErrorCode.LAYER_FULL, message="full", details={"layer": "discounts"})),
     CommandResult(command_id="c-4", type="UpdateUserSegments", status="rejected", events=0, processed_at=NOW,
                   error=ErrorInfo(code=ErrorCode.SEGMENT_NOT_FOUND, message="unknown", details={"slugs": ["X"]})),
     CommandResult(command_id="c-1", type="CreateSegment", status="applied", error=None, events=3, processed_at=NOW),

@@ -4,10 +4,10 @@ from decimal import Decimal
 
 import pytest
 
-from schemas.commands import ExpireMembership, UpdateUserSegments
+from schemas.commands import ExpireMembership, StartMembership, UpdateSegmentMembers, UpdateUserSegments
 from schemas.results import ErrorCode
 from service import domain
-from service.domain import CommandRejectedError, Membership, Segment, UserState
+from service.domain import CommandRejectedError, Membership, Scheduled, Segment, UserState
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 A, B, C = Segment(1, "A", "A:1"), Segment(2, "B", "B:2"), Segment(3, "C", "C:3")
@@ -62,6 +62,9 @@ def test_default_ttl_and_per_slug_expiry():
     (dict(add=["A"], ttl_seconds=10**12), "ttl_seconds must be from 1"),
     (dict(add=[f"S{i}" for i in range(1001)]), "at most 1000"),
     (dict(add=["A", "A"]), "twice"),
+    (dict(add=[{"slug": "A", "starts_at": "2020-01-01T00:00:00Z"}]), "starts_at is in the past"),
+    (dict(add=[{"slug": "A", "starts_at": "2030-01-02T00:00:00Z", "expires_at": "2030-01-01T00:00:00Z"}]),
+     "starts_at must be before expires_at"),
 ])
 def test_invalid_commands_are_rejected_whole(fields, text):
     user = UserState(1000)
@@ -131,3 +134,75 @@ def test_an_expired_rollout_user_stays_as_a_rollout_member():
                                    user, full, NOW)
     assert [(c.change, c.reason) for c in out.changes] == [("removed", "expired"), ("added", "auto_percent")]
     assert user.memberships[4].source == "auto_percent"
+
+
+LATER = NOW + timedelta(hours=1)
+
+
+def start(user, at=LATER, now=LATER, segment=A):
+    return domain.start_membership(StartMembership(command_id="s", user_id=user.user_id, slug=segment.slug,
+                                                   starts_at=at), user, segment, now)
+
+
+def test_a_scheduled_add_is_no_membership_until_its_start_and_its_ttl_counts_from_the_start():
+    user, out = apply(update(add=[{"slug": "A", "starts_at": LATER.isoformat(), "ttl_seconds": 60}]))
+    assert user.memberships == {} and out.changes == [] and out.registered
+    assert user.scheduled == {1: Scheduled(LATER, LATER + timedelta(seconds=60))}
+    out = start(user)
+    assert [(c.change, c.reason, c.expires_at, c.occurred_at) for c in out.changes] == [
+        ("added", "scheduled", LATER + timedelta(seconds=60), LATER)]
+    assert user.memberships[1] == Membership("manual", LATER, LATER + timedelta(seconds=60))
+    assert user.scheduled == {}
+
+
+def test_a_start_before_its_time_is_not_due_and_a_replaced_or_cancelled_schedule_is_ignored():
+    user, _ = apply(update(add=[{"slug": "A", "starts_at": LATER.isoformat()}]))
+    with pytest.raises(domain.NotDueYetError):
+        start(user, now=LATER - timedelta(seconds=1))
+    assert start(user, at=LATER - timedelta(minutes=1)).changes == []  # an older schedule's start
+    apply(update(remove=["A"]), user)
+    assert user.scheduled == {} and start(user).changes == []
+    apply(update(add=[{"slug": "A", "starts_at": LATER.isoformat()}]), user)
+    apply(update(add=["A"]), user)  # a plain add now replaces the schedule
+    assert user.scheduled == {} and 1 in user.memberships
+
+
+def test_a_start_lifts_the_exclusion_and_a_start_applied_after_its_expiry_also_expires():
+    end = LATER + timedelta(milliseconds=500)
+    user = UserState(1000, True, exclusions={1}, scheduled={1: Scheduled(LATER, end)})
+    out = start(user, now=end + timedelta(seconds=3))
+    assert [(c.change, c.reason, c.occurred_at) for c in out.changes] == [
+        ("added", "scheduled", LATER), ("removed", "expired", end)]
+    assert user.memberships == {} and user.exclusions == set()
+
+
+def test_a_start_of_a_membership_held_with_the_same_expiry_changes_nothing():
+    user = UserState(1000, True, {1: Membership("auto_percent", NOW, None)}, scheduled={1: Scheduled(LATER, None)})
+    assert start(user).changes == []
+    assert user.memberships[1] == Membership("manual", NOW, None)
+
+
+def members(**fields) -> UpdateSegmentMembers:
+    return UpdateSegmentMembers(command_id="b", slug="A", **fields)
+
+
+@pytest.mark.parametrize("fields, text", [
+    (dict(), "from 1 to 100000 user ids"),
+    (dict(add=list(range(1, 100_002))), "from 1 to 100000 user ids"),
+    (dict(add=[1, 2, 1]), "listed twice in add: 1"),
+    (dict(add=[1], remove=[1]), "both in add and remove: 1"),
+    (dict(add=[1], expires_at=NOW - timedelta(seconds=1)), "expires_at is in the past"),
+    (dict(add=[1], expires_at=LATER, ttl_seconds=5), "not both"),
+    (dict(add=[1], ttl_seconds=0), "ttl_seconds must be from 1"),
+    (dict(remove=[1], starts_at=LATER), "starts_at needs users to add"),
+    (dict(add=[1], starts_at=LATER, expires_at=LATER), "before expires_at"),
+])
+def test_invalid_segment_member_updates_are_rejected(fields, text):
+    with pytest.raises(CommandRejectedError) as err:
+        domain.validate_segment_members(members(**fields), NOW)
+    assert err.value.info.code == ErrorCode.INVALID_COMMAND
+    assert text in err.value.info.message
+
+
+def test_a_segment_member_update_of_100_000_users_is_valid():
+    domain.validate_segment_members(members(add=list(range(1, 50_001)), remove=list(range(50_001, 100_001))), NOW)
