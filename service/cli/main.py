@@ -18,6 +18,8 @@ app = typer.Typer(help="segmentation: commands in through Kafka, memberships in 
 send_app = typer.Typer(help="Publish a command and wait for its result (exit 1 if it is rejected).",
                        no_args_is_help=True)
 app.add_typer(send_app, name="send")
+dlq_app = typer.Typer(help="Read and replay the dead-letter topic.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 
 
 def _settings() -> Settings:
@@ -231,6 +233,61 @@ def send_register_users(user_ids: list[int], command_id: str | None = COMMAND_ID
                         timeout: float = TIMEOUT) -> None:
     """RegisterUsers: make users known so rollouts reach them with events."""
     _send({"type": "RegisterUsers", "command_id": command_id or _new_id(), "user_ids": user_ids}, wait, timeout)
+
+
+# ---- dead letters -------------------------------------------------------------------------------------
+
+DLQ_CODE = typer.Option(None, "--code", help="Only letters with this error.code (e.g. INVALID_FIELDS).")
+DLQ_LIMIT = typer.Option(0, "--limit", min=0, help="At most this many letters (0: all).")
+
+
+def _kafka_call(coro):
+    from aiokafka.errors import KafkaError
+
+    settings = Settings()
+    try:
+        return asyncio.run(coro(settings))
+    except KafkaError as exc:
+        typer.echo(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc}", err=True)
+        raise typer.Exit(3) from None
+
+
+@dlq_app.command("list")
+def dlq_list(code: str | None = DLQ_CODE, limit: int = DLQ_LIMIT) -> None:
+    """Print the dead letters, one JSON line each: position, code, message, key, the start of the value."""
+    from producers.dlq import letters
+
+    async def go(settings: Settings) -> int:
+        count = 0
+        async for letter in letters(settings, code, limit):
+            typer.echo(json.dumps(letter.summary()))
+            count += 1
+        return count
+
+    typer.echo(f"{_kafka_call(go)} dead letters", err=True)
+
+
+@dlq_app.command("replay")
+def dlq_replay(code: str | None = DLQ_CODE, limit: int = DLQ_LIMIT,
+               dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be sent; send nothing.")) -> None:
+    """Publish dead letters again to their source topic (original key and bytes, a replayed-from header), up to
+    the end of the dead-letter topic as it is now. Truncated letters are listed, not replayed."""
+    from producers.dlq import replay
+
+    def show(letter) -> None:
+        if letter.truncated or not letter.headers.get("source.topic"):
+            action = "skipped (truncated)" if letter.truncated else "skipped (no source.topic)"
+        else:
+            action = "would replay" if dry_run else "replayed"
+        typer.echo(json.dumps({"action": action} | letter.summary(60)))
+
+    async def go(settings: Settings):
+        return await replay(settings, code, limit, dry_run, show)
+
+    report = _kafka_call(go)
+    verb = "would replay" if dry_run else "replayed"
+    typer.echo(f"{verb} {report.sent} dead letters; {report.truncated} truncated (not replayed)"
+               + (f"; {report.no_source} without source.topic (not replayed)" if report.no_source else ""))
 
 
 # ---- watch and report ---------------------------------------------------------------------------------

@@ -10,24 +10,10 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from producers.relay import SHARDS, OutboxRelay
 from schemas.commands import CreateSegment
 from service.infra import db, kafka, metrics
-from tests.support.harness import Stack, cid
+from tests.support.harness import Stack, cid, read_all
 from tests.support.helpers import wait_until
 
 N = 3000
-
-
-async def read_all(settings, topic: str) -> list:
-    """Every record of `topic`, from the beginning until nothing more comes for 2 s."""
-    consumer = kafka.consumer(settings, group=None)
-    await consumer.start()
-    try:
-        await consumer.seek_to_beginning(*await kafka.assign_all(consumer, topic))
-        records = []
-        while batch := await consumer.getmany(timeout_ms=2000):
-            records += [r for recs in batch.values() for r in recs]
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_a_failed_batch_does_not_reorder_a_users_events(conn, settings, monkeypatch):

@@ -114,5 +114,19 @@ class Stack:
             return await conn.fetch(sql, *args)
 
 
+async def read_all(settings, topic: str) -> list:
+    """Every record of `topic`, from the beginning until nothing more comes for 2 s."""
+    consumer = kafka.consumer(settings, group=None)
+    await consumer.start()
+    try:
+        await consumer.seek_to_beginning(*await kafka.assign_all(consumer, topic))
+        records = []
+        while batch := await consumer.getmany(timeout_ms=2000):
+            records += [r for recs in batch.values() for r in recs]
+        return records
+    finally:
+        await consumer.stop()
+
+
 def cid() -> str:
     return str(uuid.uuid4())
