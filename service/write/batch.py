@@ -305,5 +305,6 @@ class _Part:
         if d.command_id in self.seen:
             self.answer_duplicate(d)  # the same id again: its stored result, or a conflict
         elif d.command_id is not None:
+            # Published, not stored: the id stays free for the corrected command or a replay after a fix.
             self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=d.error_message,
-                                                       details={"dead_letter": d.error_code}))
+                                                       details={"dead_letter": d.error_code}), store=False)
