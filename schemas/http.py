@@ -29,9 +29,9 @@ class SegmentInfo(_Answer):
     member_count: int
     created_at: UtcTime
     deleted_at: UtcTime | None
-    layer: str | None = None
-    bucket_start: int | None = None  # a layer's segment: its bucket range [bucket_start, bucket_end)
-    bucket_end: int | None = None
+    layer: str | None
+    bucket_start: int | None  # a layer's segment: its bucket range [bucket_start, bucket_end); else null
+    bucket_end: int | None
 
 
 class SegmentList(_Answer):

@@ -187,10 +187,11 @@ def send_raw(body: str = typer.Argument(..., help="The command as JSON, or - to 
 @send_app.command("create-segment")
 def send_create_segment(slug: str, description: str | None = None,
                         percent: Decimal | None = typer.Option(None, help="Roll out to this percent of users."),
+                        layer: str | None = typer.Option(None, help="Exclusive rollout with this layer's segments."),
                         command_id: str | None = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT) -> None:
     """CreateSegment."""
     _send({"type": "CreateSegment", "command_id": command_id or _new_id(), "slug": slug,
-           "description": description, "auto_percent": percent}, wait, timeout)
+           "description": description, "auto_percent": percent, "layer": layer}, wait, timeout)
 
 
 @send_app.command("update-segment")

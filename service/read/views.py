@@ -16,7 +16,7 @@ WITH stored AS (
     SELECT s.id, s.slug, s.rollout_at AS added_at, NULL::timestamptz AS expires_at, 'auto_percent' AS source
     FROM segments s
     WHERE s.deleted_at IS NULL AND s.auto_percent > 0
-      AND segment_bucket(s.salt, $1) < (s.auto_percent * 100)::int
+      AND segment_rolls_out(s.salt, s.layer, s.bucket_start, s.auto_percent, $1)
       AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = $1 AND x.segment_id = s.id)
       AND NOT EXISTS (SELECT 1 FROM stored WHERE stored.id = s.id)
 )
@@ -27,7 +27,7 @@ SELECT * FROM (
 ORDER BY slug COLLATE "C"  -- byte order, whatever the database's collation
 """
 _SEGMENT_COLUMNS = """
-SELECT s.slug, s.description, s.auto_percent, s.created_at, s.deleted_at,
+SELECT s.slug, s.description, s.auto_percent, s.created_at, s.deleted_at, s.layer, s.bucket_start, s.bucket_end,
     (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id
        AND (m.expires_at IS NULL OR m.expires_at > now())) AS member_count
 FROM segments s

@@ -27,7 +27,7 @@ from schemas.commands import (
     UpdateUserSegments,
 )
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
-from service.domain import CommandRejectedError, NotDueYetError, Segment
+from service.domain import CommandRejectedError, NotDueYetError
 from service.infra import db, errors
 from service.write import segment_handlers, sql, user_handlers
 from service.write.change_set import ChangeSet
@@ -221,7 +221,7 @@ class _Part:
             await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, db.ROLLOUT_LOCK)
         slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
         rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new)) if slugs or new else []
-        segments = {r["slug"]: Segment(r["id"], r["slug"], r["salt"], r["auto_percent"]) for r in rows}
+        segments = {r["slug"]: segment_handlers.segment_of(r) for r in rows}
         rollouts = [s for s in segments.values() if s.auto_percent > 0]
         return RunContext(self.change_set, segments, rollouts)
 

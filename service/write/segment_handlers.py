@@ -15,17 +15,38 @@ from schemas.common import format_time
 from schemas.events import SegmentChanged
 from schemas.results import ErrorCode
 from service.bucket import segment_salt, threshold
-from service.domain import CommandRejectedError
+from service.domain import CommandRejectedError, Segment, layer_placement
 from service.infra import db
 from service.write import sql
 from service.write.change_set import ChangeSet
 
 
-def _segment_changed(change: str, slug: str, description, percent, now: datetime, command_id: str) -> SegmentChanged:
+def segment_of(row: asyncpg.Record) -> Segment:
+    """A segment row (with layer and bucket_start) as the rules see it."""
+    return Segment(row["id"], row["slug"], row["salt"], row["auto_percent"], row["layer"], row["bucket_start"])
+
+
+def _segment_changed(change: str, seg: Segment, description, now: datetime, command_id: str) -> SegmentChanged:
+    in_layer: dict = {}
+    if seg.layer is not None:
+        end = None if seg.bucket_start is None else seg.bucket_start + threshold(seg.auto_percent)
+        in_layer = {"layer": seg.layer, "bucket_start": seg.bucket_start, "bucket_end": end}
     return SegmentChanged(
-        event_id=str(uuid.uuid4()), change=change, slug=slug, description=description,
-        auto_percent=percent, occurred_at=now, command_id=command_id,
+        event_id=str(uuid.uuid4()), change=change, slug=seg.slug, description=description,
+        auto_percent=seg.auto_percent, occurred_at=now, command_id=command_id, **in_layer,
     )
+
+
+async def _placed(conn: asyncpg.Connection, seg: Segment, percent: Decimal) -> Segment:
+    """`seg` at `percent`, with its layer range (kept start, or first-fit); LAYER_FULL if there is no room."""
+    taken = [] if seg.layer is None else [tuple(r) for r in await conn.fetch(sql.LAYER_RANGES, seg.layer, seg.id)]
+    start, _end = layer_placement(seg.layer, taken, seg.bucket_start, percent)
+    return Segment(seg.id, seg.slug, seg.salt, percent, seg.layer, start)
+
+
+def _line(seg: Segment) -> int:
+    """The end of a segment's rollout range on its hash (its start plus its percent in buckets)."""
+    return (seg.bucket_start or 0) + threshold(seg.auto_percent)
 
 
 async def _locked(conn: asyncpg.Connection, slug: str) -> asyncpg.Record:
@@ -47,17 +68,20 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: 
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}", {"slugs": [cmd.slug]})
     now, percent = changes.now, cmd.auto_percent or Decimal(0)
     segment_id = await conn.fetchval(sql.NEXT_SEGMENT_ID)
-    salt = segment_salt(cmd.slug, segment_id)
+    seg = await _placed(conn, Segment(segment_id, cmd.slug, segment_salt(cmd.slug, segment_id), layer=cmd.layer),
+                        percent)
     try:
-        await conn.execute(sql.INSERT_SEGMENT, segment_id, cmd.slug, cmd.description, percent, salt, now)
+        await conn.execute(sql.INSERT_SEGMENT, segment_id, cmd.slug, cmd.description, percent, seg.salt, now,
+                           seg.layer, seg.bucket_start, _line(seg) if seg.bucket_start is not None else None)
     except asyncpg.UniqueViolationError:  # created meanwhile by a command keyed to another partition
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}",
                                    {"slugs": [cmd.slug]}) from None
-    event = _segment_changed("created", cmd.slug, cmd.description, percent, now, cmd.command_id)
+    event = _segment_changed("created", seg, cmd.description, now, cmd.command_id)
     if percent == 0:
         return 0, event
     return await conn.fetchval(
-        sql.ROLLOUT_ADD, segment_id, cmd.slug, now, format_time(now), cmd.command_id, salt, 0, threshold(percent)
+        sql.ROLLOUT_ADD, segment_id, cmd.slug, now, format_time(now), cmd.command_id, seg.bucket_salt,
+        seg.bucket_start or 0, _line(seg)
     ), event
 
 
@@ -66,15 +90,18 @@ async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: 
     row = await _locked(conn, cmd.slug)
     now = changes.now
     description = row["description"] if cmd.description is None else cmd.description
-    old = row["auto_percent"]
-    new = old if cmd.auto_percent is None else cmd.auto_percent
-    await conn.execute(sql.UPDATE_SEGMENT, row["id"], description, new, now)
-    event = _segment_changed("updated", cmd.slug, description, new, now, cmd.command_id)
-    args = (row["id"], cmd.slug, now, format_time(now), cmd.command_id, row["salt"])
-    if new > old:  # only the users between the old and the new line join
-        return await conn.fetchval(sql.ROLLOUT_ADD, *args, threshold(old), threshold(new)), event
-    if new < old:  # only rollout members above the new line leave; explicit members stay
-        return await conn.fetchval(sql.ROLLOUT_REMOVE, *args, threshold(new)), event
+    old = segment_of(row)
+    new = old if cmd.auto_percent in (None, old.auto_percent) else await _placed(conn, old, cmd.auto_percent)
+    await conn.execute(sql.UPDATE_SEGMENT, row["id"], description, new.auto_percent, now, new.bucket_start,
+                       _line(new) if new.bucket_start is not None else None)
+    event = _segment_changed("updated", new, description, now, cmd.command_id)
+    args = (row["id"], cmd.slug, now, format_time(now), cmd.command_id, new.bucket_salt)
+    # In a layer the start is kept, so both lines lie on one range: only the users between them move.
+    if new.auto_percent > old.auto_percent:  # only the users between the old and the new line join
+        first = (new.bucket_start or 0) + threshold(old.auto_percent)
+        return await conn.fetchval(sql.ROLLOUT_ADD, *args, first, _line(new)), event
+    if new.auto_percent < old.auto_percent:  # only rollout members above the new line leave; explicit members stay
+        return await conn.fetchval(sql.ROLLOUT_REMOVE, *args, _line(new)), event
     return 0, event
 
 
@@ -85,5 +112,6 @@ async def delete_segment(conn: asyncpg.Connection, cmd: DeleteSegment, changes: 
         sql.SEGMENT_DELETE_MEMBERS, row["id"], cmd.slug, now, format_time(now), cmd.command_id
     )
     await conn.execute(sql.DELETE_SEGMENT_EXCLUSIONS, row["id"])
-    await conn.execute(sql.MARK_SEGMENT_DELETED, row["id"], now)
-    return removed, _segment_changed("deleted", cmd.slug, row["description"], row["auto_percent"], now, cmd.command_id)
+    await conn.execute(sql.DELETE_SEGMENT_SCHEDULES, row["id"])  # not members yet: no events
+    await conn.execute(sql.MARK_SEGMENT_DELETED, row["id"], now)  # its layer range is free from now on
+    return removed, _segment_changed("deleted", segment_of(row), row["description"], now, cmd.command_id)

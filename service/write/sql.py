@@ -35,7 +35,7 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::timest
 # FOR SHARE to assign users (in id order), FOR UPDATE to delete or change a segment. A run locks the segments
 # it names; a run that registers users also locks every rolled-out segment (they join those rollouts).
 LOCK_SEGMENTS_FOR_SHARE = """
-SELECT id, slug, salt, auto_percent FROM segments
+SELECT id, slug, salt, auto_percent, layer, bucket_start FROM segments
 WHERE deleted_at IS NULL AND (slug = ANY($1::text[]) OR ($2 AND auto_percent > 0))
 ORDER BY id FOR SHARE
 """
@@ -45,21 +45,29 @@ ORDER BY id FOR SHARE
 LOCK_ROLLOUT_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
 LOCK_ROLLOUT_EXCLUSIVE = "SELECT pg_advisory_xact_lock($1)"
 LOCK_SEGMENT_FOR_UPDATE = """
-SELECT id, slug, salt, auto_percent, description FROM segments
+SELECT id, slug, salt, auto_percent, description, layer, bucket_start, bucket_end FROM segments
 WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE
 """
 NEXT_SEGMENT_ID = "SELECT nextval(pg_get_serial_sequence('segments', 'id'))"
 INSERT_SEGMENT = """
-INSERT INTO segments (id, slug, description, auto_percent, salt, created_at, updated_at, rollout_at)
-VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
+INSERT INTO segments (id, slug, description, auto_percent, salt, created_at, updated_at, rollout_at,
+                      layer, bucket_start, bucket_end)
+VALUES ($1, $2, $3, $4, $5, $6, $6, $6, $7, $8, $9)
 """
 UPDATE_SEGMENT = """
 UPDATE segments SET description = $2, auto_percent = $3, updated_at = $4,
-    rollout_at = CASE WHEN auto_percent <> $3 THEN $4 ELSE rollout_at END
+    rollout_at = CASE WHEN auto_percent <> $3 THEN $4 ELSE rollout_at END, bucket_start = $5, bucket_end = $6
 WHERE id = $1
+"""
+# The ranges the other live segments of a layer hold. Read under the rollout lock (exclusive): every change that
+# takes or grows a range holds it, so two of them never allocate from the same picture.
+LAYER_RANGES = """
+SELECT bucket_start, bucket_end FROM segments
+WHERE layer = $1 AND deleted_at IS NULL AND bucket_start IS NOT NULL AND id IS DISTINCT FROM $2
 """
 MARK_SEGMENT_DELETED = "UPDATE segments SET deleted_at = $2, updated_at = $2 WHERE id = $1"
 DELETE_SEGMENT_EXCLUSIONS = "DELETE FROM exclusions WHERE segment_id = $1"
+DELETE_SEGMENT_SCHEDULES = "DELETE FROM scheduled_memberships WHERE segment_id = $1"
 
 # --- user state ---------------------------------------------------------------------------------------
 # A user's row lock serializes commands about one user that arrive on different partitions (RegisterUsers is
