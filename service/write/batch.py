@@ -23,13 +23,15 @@ from schemas.commands import (
     DeleteSegment,
     ExpireMembership,
     RegisterUsers,
+    StartMembership,
     UpdateSegment,
+    UpdateSegmentMembers,
     UpdateUserSegments,
 )
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
 from service.domain import CommandRejectedError, NotDueYetError
 from service.infra import db, errors
-from service.write import segment_handlers, sql, user_handlers
+from service.write import segment_handlers, segment_members, sql, user_handlers
 from service.write.change_set import ChangeSet
 from service.write.decoding import Decoded, InboundRecord, decode, printable
 from service.write.outbox import dead_letter_row, result_row, segment_event
@@ -41,11 +43,13 @@ USER_HANDLERS: dict[type, Callable[..., Any]] = {
     UpdateUserSegments: user_handlers.update_user_segments,
     RegisterUsers: user_handlers.register_users,
     ExpireMembership: user_handlers.expire_membership,
+    StartMembership: user_handlers.start_membership,
 }
 SEGMENT_HANDLERS: dict[type, Callable[..., Awaitable[Any]]] = {
     CreateSegment: segment_handlers.create_segment,
     UpdateSegment: segment_handlers.update_segment,
     DeleteSegment: segment_handlers.delete_segment,
+    UpdateSegmentMembers: segment_members.update_segment_members,
 }
 
 
@@ -244,7 +248,8 @@ class _Part:
         except CommandRejectedError as exc:
             self.finish(d, "rejected", error=exc.info)
         else:
-            self.change_set.record_outbox(segment_event(event))
+            if event is not None:  # UpdateSegmentMembers changes memberships, not the segment
+                self.change_set.record_outbox(segment_event(event))
             self.finish(d, "applied", events)
 
     def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,

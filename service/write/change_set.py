@@ -8,7 +8,7 @@ import asyncpg
 
 from schemas.common import format_time
 from schemas.results import CommandResult
-from service.domain import Change, Membership, UserState
+from service.domain import Change, Membership, Scheduled, UserState
 from service.write import sql
 from service.write.outbox import OutboxRow, membership_event, result_row
 
@@ -25,13 +25,13 @@ class ChangeSet:
 
     now: datetime
     users: dict[int, UserState] = field(default_factory=dict)
-    before: dict[int, tuple[dict[int, Membership], set[int]]] = field(default_factory=dict)
+    before: dict[int, tuple[dict[int, Membership], set[int], dict[int, Scheduled]]] = field(default_factory=dict)
     registered: set[int] = field(default_factory=set)  # users the rules made known
     tentative: set[int] = field(default_factory=set)  # users inserted when loaded (their row is their lock)
     history: list[tuple] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
     processed: list[tuple] = field(default_factory=list)
-    earliest_expiry: datetime | None = None
+    earliest_expiry: datetime | None = None  # the scheduler's next due time among what this set wrote
 
     async def load_users(self, conn: asyncpg.Connection, user_ids: set[int]) -> set[int]:
         """Lock and read the users not loaded yet; returns those seen for the first time."""
@@ -48,9 +48,11 @@ class ChangeSet:
             )
         for r in await conn.fetch(sql.USER_EXCLUSIONS, ids):
             self.users[r["user_id"]].exclusions.add(r["segment_id"])
+        for r in await conn.fetch(sql.USER_SCHEDULES, ids):
+            self.users[r["user_id"]].scheduled[r["segment_id"]] = Scheduled(r["starts_at"], r["expires_at"])
         for u in ids:
             state = self.users[u]
-            self.before[u] = (dict(state.memberships), set(state.exclusions))
+            self.before[u] = (dict(state.memberships), set(state.exclusions), dict(state.scheduled))
         return new
 
     def record_changes(self, changes: list[Change], command_id: str | None) -> None:
@@ -60,8 +62,12 @@ class ChangeSet:
             )
             self.outbox.append(membership_event(c, command_id))
             if c.change == "added" and c.expires_at is not None:
-                if self.earliest_expiry is None or c.expires_at < self.earliest_expiry:
-                    self.earliest_expiry = c.expires_at
+                self.due_at(c.expires_at)
+
+    def due_at(self, when: datetime) -> None:
+        """Something this set writes is due for the scheduler at `when` (an expiry or a start)."""
+        if self.earliest_expiry is None or when < self.earliest_expiry:
+            self.earliest_expiry = when
 
     def record_result(self, result: CommandResult, body_hash: str | None) -> str:
         """Store the result in the inbox (when `body_hash` is given) and publish it; returns its JSON."""
@@ -107,12 +113,16 @@ class ChangeSet:
         kept: list[tuple[int, int, Membership]] = []
         excluded: list[tuple[int, int]] = []
         included: list[tuple[int, int]] = []
-        for user_id, (memberships, exclusions) in self.before.items():
+        unscheduled: list[tuple[int, int]] = []
+        scheduled: list[tuple[int, int, Scheduled]] = []
+        for user_id, (memberships, exclusions, schedules) in self.before.items():
             state = self.users[user_id]
             gone += [(user_id, s) for s in memberships.keys() - state.memberships.keys()]
             kept += [(user_id, s, m) for s, m in state.memberships.items() if memberships.get(s) != m]
             excluded += [(user_id, s) for s in state.exclusions - exclusions]
             included += [(user_id, s) for s in exclusions - state.exclusions]
+            unscheduled += [(user_id, s) for s in schedules.keys() - state.scheduled.keys()]
+            scheduled += [(user_id, s, x) for s, x in state.scheduled.items() if schedules.get(s) != x]
         if gone:
             await conn.execute(sql.DELETE_MEMBERSHIPS, *_columns(gone, 2))
         if kept:
@@ -124,6 +134,13 @@ class ChangeSet:
             await conn.execute(sql.DELETE_EXCLUSIONS, *_columns(included, 2))
         if excluded:
             await conn.execute(sql.INSERT_EXCLUSIONS, *_columns(excluded, 2), [self.now] * len(excluded))
+        if unscheduled:
+            await conn.execute(sql.DELETE_SCHEDULES, *_columns(unscheduled, 2))
+        if scheduled:
+            await conn.execute(sql.UPSERT_SCHEDULES, [u for u, _, _ in scheduled], [s for _, s, _ in scheduled],
+                               [x.starts_at for *_, x in scheduled], [x.expires_at for *_, x in scheduled], self.now)
+            for *_, x in scheduled:
+                self.due_at(x.starts_at)
 
 
 def _columns(rows: list[tuple], width: int) -> list[list]:

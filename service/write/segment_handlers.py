@@ -44,7 +44,7 @@ async def _placed(conn: asyncpg.Connection, seg: Segment, percent: Decimal) -> S
     return Segment(seg.id, seg.slug, seg.salt, percent, seg.layer, start)
 
 
-def _line(seg: Segment) -> int:
+def line(seg: Segment) -> int:
     """The end of a segment's rollout range on its hash (its start plus its percent in buckets)."""
     return (seg.bucket_start or 0) + threshold(seg.auto_percent)
 
@@ -72,7 +72,7 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: 
                         percent)
     try:
         await conn.execute(sql.INSERT_SEGMENT, segment_id, cmd.slug, cmd.description, percent, seg.salt, now,
-                           seg.layer, seg.bucket_start, _line(seg) if seg.bucket_start is not None else None)
+                           seg.layer, seg.bucket_start, line(seg) if seg.bucket_start is not None else None)
     except asyncpg.UniqueViolationError:  # created meanwhile by a command keyed to another partition
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}",
                                    {"slugs": [cmd.slug]}) from None
@@ -81,7 +81,7 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: 
         return 0, event
     return await conn.fetchval(
         sql.ROLLOUT_ADD, segment_id, cmd.slug, now, format_time(now), cmd.command_id, seg.bucket_salt,
-        seg.bucket_start or 0, _line(seg)
+        seg.bucket_start or 0, line(seg)
     ), event
 
 
@@ -93,15 +93,15 @@ async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: 
     old = segment_of(row)
     new = old if cmd.auto_percent in (None, old.auto_percent) else await _placed(conn, old, cmd.auto_percent)
     await conn.execute(sql.UPDATE_SEGMENT, row["id"], description, new.auto_percent, now, new.bucket_start,
-                       _line(new) if new.bucket_start is not None else None)
+                       line(new) if new.bucket_start is not None else None)
     event = _segment_changed("updated", new, description, now, cmd.command_id)
     args = (row["id"], cmd.slug, now, format_time(now), cmd.command_id, new.bucket_salt)
     # In a layer the start is kept, so both lines lie on one range: only the users between them move.
     if new.auto_percent > old.auto_percent:  # only the users between the old and the new line join
         first = (new.bucket_start or 0) + threshold(old.auto_percent)
-        return await conn.fetchval(sql.ROLLOUT_ADD, *args, first, _line(new)), event
+        return await conn.fetchval(sql.ROLLOUT_ADD, *args, first, line(new)), event
     if new.auto_percent < old.auto_percent:  # only rollout members above the new line leave; explicit members stay
-        return await conn.fetchval(sql.ROLLOUT_REMOVE, *args, _line(new)), event
+        return await conn.fetchval(sql.ROLLOUT_REMOVE, *args, line(new)), event
     return 0, event
 
 

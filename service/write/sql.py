@@ -85,6 +85,19 @@ USER_MEMBERSHIPS = """
 SELECT user_id, segment_id, source, added_at, expires_at FROM memberships WHERE user_id = ANY($1::bigint[])
 """
 USER_EXCLUSIONS = "SELECT user_id, segment_id FROM exclusions WHERE user_id = ANY($1::bigint[])"
+USER_SCHEDULES = """
+SELECT user_id, segment_id, starts_at, expires_at FROM scheduled_memberships WHERE user_id = ANY($1::bigint[])
+"""
+DELETE_SCHEDULES = """
+DELETE FROM scheduled_memberships x USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
+WHERE x.user_id = d.user_id AND x.segment_id = d.segment_id
+"""
+UPSERT_SCHEDULES = """
+INSERT INTO scheduled_memberships (user_id, segment_id, starts_at, expires_at, scheduled_at)
+SELECT u, s, a, e, $5 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::timestamptz[]) AS n(u, s, a, e)
+ON CONFLICT (user_id, segment_id) DO UPDATE
+SET starts_at = EXCLUDED.starts_at, expires_at = EXCLUDED.expires_at, scheduled_at = EXCLUDED.scheduled_at
+"""
 DELETE_MEMBERSHIPS = """
 DELETE FROM memberships m USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
 WHERE m.user_id = d.user_id AND m.segment_id = d.segment_id
@@ -118,13 +131,15 @@ _EXPIRED = "(expires_at IS NOT NULL AND expires_at <= $3)"
 
 
 def _fan_out(changed_cte: str, change: str, reason: str, occurred: str = "$3::timestamptz",
-             occurred_text: str = "$4::text", expires_text: str = "NULL") -> str:
-    """`changed_cte` returns (user_id, expires_at); `reason` and `occurred` are SQL over those columns."""
+             occurred_text: str = "$4::text", expires_text: str = "NULL", before: str = "") -> str:
+    """`changed_cte` returns (user_id, expires_at); `reason` and `occurred` are SQL over those columns. `before`:
+    CTEs ahead of it (a data-modifying CTE must sit at the top level, not inside `changed`)."""
     return f"""
-WITH changed AS ({changed_cte}),
+WITH {before}changed AS ({changed_cte}),
 rows AS (
     SELECT user_id, expires_at, {reason} AS reason, {occurred} AS occurred_at, {occurred_text} AS occurred_text,
-           {expires_text} AS expires_text, gen_random_uuid()::text AS event_id
+           {expires_text} AS expires_text, gen_random_uuid()::text AS event_id,
+           $4::text AS now_text  -- types $4 for statements whose rows are all dated otherwise
     FROM changed
 ),
 history AS (
@@ -146,18 +161,24 @@ SELECT count(*) FROM published
 """
 
 
-# $6 salt, $7 lower bucket line (inclusive), $8 upper bucket line (exclusive)
-ROLLOUT_ADD = _fan_out(
-    """
+def _rollout_add(users: str) -> str:
+    return _fan_out(
+        f"""
     INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
-    SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM users u
+    SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM {users}
     WHERE segment_bucket($6, u.user_id) <@ int4range($7, $8)  -- [lower, upper): one hash per user
       AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = u.user_id AND x.segment_id = $1)
     ON CONFLICT DO NOTHING
     RETURNING user_id, expires_at
     """,
-    "added", "'auto_percent'",
-)
+        "added", "'auto_percent'",
+    )
+
+
+# $6 salt (the segment's, or its layer's), $7 lower bucket line (inclusive), $8 upper bucket line (exclusive)
+ROLLOUT_ADD = _rollout_add("users u")
+# The same for the users $9 only: users registered by a bulk command join a rollout.
+ROLLOUT_ADD_USERS = _rollout_add("unnest($9::bigint[]) AS u(user_id)")
 # $6 salt, $7 new bucket line: rollout members at or above it leave; explicit members never do.
 ROLLOUT_REMOVE = _fan_out(
     """
@@ -176,3 +197,65 @@ SEGMENT_DELETE_MEMBERS = _fan_out(
     occurred_text=f"CASE WHEN {_EXPIRED} THEN {_RFC3339.format('expires_at')} ELSE $4::text END",
     expires_text=_RFC3339.format("expires_at"),
 )
+
+# --- UpdateSegmentMembers: one segment, up to 100 000 users; $6 the users of the statement ------------------
+# Each statement is what the rules of UpdateUserSegments do to one user, for all of them at once, in the same
+# order: an expired membership leaves first (as an expiry, at its own time), then the add or the remove.
+MEMBERS_DROP_EXPIRED = _fan_out(
+    """
+    DELETE FROM memberships m USING unnest($6::bigint[]) AS d(user_id)
+    WHERE m.segment_id = $1 AND m.user_id = d.user_id AND m.expires_at <= $3
+    RETURNING m.user_id, m.expires_at
+    """,
+    "removed", "'expired'", occurred="expires_at", occurred_text=_RFC3339.format("expires_at"),
+    expires_text=_RFC3339.format("expires_at"),
+)
+# $7 the expiry of every added user. An event only for a new membership or a changed expiry; a rollout member
+# becomes an explicit one silently.
+MEMBERS_ADD = _fan_out(
+    """
+    SELECT up.user_id, up.expires_at FROM upserted up LEFT JOIN prior p USING (user_id)
+    WHERE p.user_id IS NULL OR p.expires_at IS DISTINCT FROM up.expires_at
+    """,
+    "added", "'command'", expires_text=_RFC3339.format("expires_at"),
+    before="""prior AS (
+    SELECT m.user_id, m.expires_at FROM memberships m JOIN unnest($6::bigint[]) AS d(user_id) USING (user_id)
+    WHERE m.segment_id = $1
+),
+upserted AS (
+    INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
+    SELECT d.user_id, $1, 'manual', $3, $7::timestamptz FROM unnest($6::bigint[]) AS d(user_id) ORDER BY d.user_id
+    ON CONFLICT (user_id, segment_id) DO UPDATE SET source = 'manual', expires_at = EXCLUDED.expires_at
+    RETURNING user_id, expires_at
+),
+""",
+)
+MEMBERS_REMOVE = _fan_out(
+    """
+    DELETE FROM memberships m USING unnest($6::bigint[]) AS d(user_id)
+    WHERE m.segment_id = $1 AND m.user_id = d.user_id
+    RETURNING m.user_id, m.expires_at
+    """,
+    "removed", "'command'", expires_text=_RFC3339.format("expires_at"),
+)
+# $1 segment id, $2 users, $3 now
+MEMBERS_INCLUDE = """
+DELETE FROM exclusions x USING unnest($2::bigint[]) AS d(user_id) WHERE x.segment_id = $1 AND x.user_id = d.user_id
+"""
+MEMBERS_EXCLUDE = """
+INSERT INTO exclusions (user_id, segment_id, excluded_at)
+SELECT d.user_id, $1, $3 FROM unnest($2::bigint[]) AS d(user_id) ORDER BY d.user_id
+ON CONFLICT DO NOTHING
+"""
+MEMBERS_UNSCHEDULE = """
+DELETE FROM scheduled_memberships x USING unnest($2::bigint[]) AS d(user_id)
+WHERE x.segment_id = $1 AND x.user_id = d.user_id
+"""
+# $4 starts_at, $5 expires_at, $6 command id
+MEMBERS_SCHEDULE = """
+INSERT INTO scheduled_memberships (user_id, segment_id, starts_at, expires_at, scheduled_at, command_id)
+SELECT d.user_id, $1, $4, $5, $3, $6 FROM unnest($2::bigint[]) AS d(user_id) ORDER BY d.user_id
+ON CONFLICT (user_id, segment_id) DO UPDATE
+SET starts_at = EXCLUDED.starts_at, expires_at = EXCLUDED.expires_at, scheduled_at = EXCLUDED.scheduled_at,
+    command_id = EXCLUDED.command_id
+"""

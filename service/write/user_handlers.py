@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.commands import ExpireMembership, RegisterUsers, UpdateUserSegments
+from schemas.commands import (
+    SCHEDULER_COMMANDS,
+    ExpireMembership,
+    RegisterUsers,
+    StartMembership,
+    UpdateUserSegments,
+)
 from service import domain
 from service.domain import Outcome, Segment
 from service.write.change_set import ChangeSet
@@ -27,7 +33,8 @@ class RunContext:
 def update_user_segments(cmd: UpdateUserSegments, ctx: RunContext) -> int:
     user = ctx.changes.users[cmd.user_id]
     # The rules raise before changing anything; they work on a copy so a rejection leaves no trace.
-    trial = domain.UserState(user.user_id, user.known, dict(user.memberships), set(user.exclusions))
+    trial = domain.UserState(user.user_id, user.known, dict(user.memberships), set(user.exclusions),
+                             dict(user.scheduled))
     outcome = domain.update_user_segments(cmd, trial, ctx.segments, ctx.rollouts, ctx.changes.now)
     ctx.changes.users[cmd.user_id] = trial
     return ctx.record(outcome, cmd.user_id, cmd.command_id)
@@ -47,6 +54,12 @@ def expire_membership(cmd: ExpireMembership, ctx: RunContext) -> int:
     return ctx.record(outcome, cmd.user_id, cmd.command_id)
 
 
+def start_membership(cmd: StartMembership, ctx: RunContext) -> int:
+    user = ctx.changes.users[cmd.user_id]
+    outcome = domain.start_membership(cmd, user, ctx.segments.get(cmd.slug), ctx.changes.now)
+    return ctx.record(outcome, cmd.user_id, cmd.command_id)
+
+
 def users_of(cmd) -> list[int]:
     return list(cmd.user_ids) if isinstance(cmd, RegisterUsers) else [cmd.user_id]
 
@@ -54,6 +67,6 @@ def users_of(cmd) -> list[int]:
 def slugs_of(cmd) -> list[str]:
     if isinstance(cmd, UpdateUserSegments):
         return [a if isinstance(a, str) else a.slug for a in cmd.add] + list(cmd.remove)
-    if isinstance(cmd, ExpireMembership):
+    if isinstance(cmd, SCHEDULER_COMMANDS):
         return [cmd.slug]
     return []
