@@ -124,11 +124,13 @@ class LeaderLoop:
         """The outcomes of `futures`, waited for at most the publish timeout (see `settle`)."""
         return await settle(futures, self.settings.publish_timeout_seconds)
 
-    async def acknowledged(self, futures: Iterable[asyncio.Future]) -> None:
-        """Wait for every send (bounded); raise the first failure."""
-        for outcome in await self.settle(futures):
+    async def acknowledged(self, futures: Iterable[asyncio.Future]) -> list:
+        """Wait for every send (bounded); raise the first failure, else return what the broker answered."""
+        outcomes = await self.settle(futures)
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        return outcomes
 
     async def run(self) -> None:
         await self.producer.start()

@@ -22,12 +22,22 @@ TRY_LOCK_SHARED = "SELECT pg_try_advisory_lock_shared($1)"
 TAKE_SHARD = "SELECT pg_try_advisory_lock($1::int, $2::int)"
 RELEASE_SHARD = "SELECT pg_advisory_unlock($1::int, $2::int)"
 
-# --- TTL producer -------------------------------------------------------------------------------------
-# Due memberships after a cursor, through the (expires_at, user_id, segment_id) index.
-DUE = """
-SELECT m.user_id, m.segment_id, s.slug, m.expires_at FROM memberships m JOIN segments s ON s.id = m.segment_id
+# --- the scheduler (TTL producer) ----------------------------------------------------------------------
+# Due items after a cursor, through the (time, user_id, segment_id) index of each end.
+DUE_EXPIRIES = """
+SELECT m.user_id, m.segment_id, s.slug, m.expires_at AS at FROM memberships m JOIN segments s ON s.id = m.segment_id
 WHERE m.expires_at IS NOT NULL AND m.expires_at <= $1
   AND (m.expires_at, m.user_id, m.segment_id) > ($2, $3, $4)
 ORDER BY m.expires_at, m.user_id, m.segment_id LIMIT $5
 """
-NEXT_DUE = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at > $1"
+NEXT_EXPIRY = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at > $1"
+DUE_STARTS = """
+SELECT x.user_id, x.segment_id, s.slug, x.starts_at AS at
+FROM scheduled_memberships x JOIN segments s ON s.id = x.segment_id
+WHERE x.starts_at <= $1 AND (x.starts_at, x.user_id, x.segment_id) > ($2, $3, $4)
+ORDER BY x.starts_at, x.user_id, x.segment_id LIMIT $5
+"""
+NEXT_START = "SELECT min(starts_at) FROM scheduled_memberships WHERE starts_at > $1"
+SCHEDULER_SECRET = "SELECT secret FROM scheduler_key"
+# How far the worker got on each partition of the commands topic (it stores its offsets with its effects).
+WORKER_POSITIONS = "SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2"

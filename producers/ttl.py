@@ -1,16 +1,27 @@
-"""The TTL producer: publishes ExpireMembership when memberships run out. One active instance."""
+"""The scheduler (TTL producer): publishes StartMembership when a scheduled membership begins and ExpireMembership
+when a membership runs out. One active instance.
+
+Each due item is published once. It is published again only when it is still due although the worker has
+consumed past the message (it ignored it: a clock behind ours) and REPUBLISH_AFTER has passed: a worker that lags
+never sees the command topic multiplied. Command ids are an HMAC of the item under a key kept in PostgreSQL, so
+every scheduler instance derives the same id (scanning twice is harmless) and a publisher without database
+access cannot take an id first and so block an expiry or a start.
+"""
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter
 
 from producers import leader, sql
-from schemas.commands import ExpireMembership
+from schemas.commands import ExpireMembership, StartMembership
 from schemas.common import format_time
 from service.infra import db, metrics
 from service.infra.settings import Settings
@@ -20,14 +31,46 @@ log = logging.getLogger("segmentation.ttl")
 # Rows are visible at commit, not at insert: look back this far each pass so a late commit is not missed.
 LOOKBACK = timedelta(seconds=60)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ORIGIN = (EPOCH, 0, 0)
 FULL_SCAN_SECONDS = 300
 REPUBLISH_AFTER = timedelta(seconds=10)
 
 
-def expiry_command_id(user_id: int, slug: str, expires_at: datetime) -> str:
-    """Deterministic: the same due membership always gives the same command id, so scanning twice is harmless."""
-    digest = hashlib.sha256(f"{user_id}|{slug}|{format_time(expires_at)}".encode()).hexdigest()[:32]
-    return f"expire:{user_id}:{digest}"
+@dataclass(frozen=True)
+class End:
+    """One end of a membership the scheduler watches: where its due items are and which command they become."""
+
+    kind: str  # "start" | "expire": the command id's prefix
+    due: str
+    next_due: str
+    published: Counter
+
+    def command(self, command_id: str, row: asyncpg.Record, now: datetime) -> ExpireMembership | StartMembership:
+        if self.kind == "start":
+            return StartMembership(command_id=command_id, user_id=row["user_id"], slug=row["slug"],
+                                   starts_at=row["at"], issued_at=now)
+        return ExpireMembership(command_id=command_id, user_id=row["user_id"], slug=row["slug"],
+                                expires_at=row["at"], issued_at=now)
+
+
+STARTS = End("start", sql.DUE_STARTS, sql.NEXT_START, metrics.TTL_STARTS)
+EXPIRIES = End("expire", sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, metrics.TTL_EXPIRIES)
+ENDS = (STARTS, EXPIRIES)  # starts first: a start and its expiry due in one pass go out in that order
+
+
+def command_id(secret: bytes, kind: str, user_id: int, slug: str, at: datetime) -> str:
+    """Deterministic for whoever holds `secret`, unguessable for anyone else."""
+    digest = hmac.new(secret, f"{kind}|{user_id}|{slug}|{format_time(at)}".encode(), hashlib.sha256).hexdigest()
+    return f"{kind}:{user_id}:{digest[:32]}"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Where a command went, and when the broker acknowledged it (loop time)."""
+
+    partition: int
+    offset: int
+    at: float
 
 
 class TtlProducer(leader.LeaderLoop):
@@ -36,10 +79,11 @@ class TtlProducer(leader.LeaderLoop):
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None):
         super().__init__(settings, producer)
         self.next_due: datetime | None = None
-        self.recent: dict[str, datetime] = {}  # command id -> when the broker acknowledged it
+        self.sent: dict[str, Sent] = {}  # command id -> its message, for every item published and maybe due
+        self.secret = b""
 
     def on_notify(self, _conn, _pid, _channel, payload: str) -> None:
-        """A worker set an expiry: wake early if it is sooner than the planned wake-up."""
+        """A worker set an expiry or a start: wake early if it is sooner than the planned wake-up."""
         try:
             when = datetime.fromisoformat(payload.replace("Z", "+00:00"))
         except ValueError:
@@ -49,63 +93,74 @@ class TtlProducer(leader.LeaderLoop):
 
     async def lead(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener("segmentation_ttl", self.on_notify)
-        self.recent.clear()
-        cursor = (EPOCH, 0, 0)  # a new leader scans everything still due
-        full_scan_at = asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
+        self.secret = (await conn.fetchval(sql.SCHEDULER_SECRET)).encode()
+        self.sent.clear()  # a new leader publishes everything still due once
+        loop = asyncio.get_running_loop()
+        cursors = {end.kind: ORIGIN for end in ENDS}
+        full_scan_at = loop.time() + FULL_SCAN_SECONDS
         while not self.stopping.is_set():
             self.wake.clear()
             now = datetime.now(UTC)
-            if asyncio.get_running_loop().time() >= full_scan_at:
-                # Safety net: anything still due (a command the worker ignored for clock skew) goes out again.
-                cursor, full_scan_at = (EPOCH, 0, 0), asyncio.get_running_loop().time() + FULL_SCAN_SECONDS
-            cursor = await self.publish_due(conn, now, cursor)
-            # Next pass starts a little behind the cursor (late commits); `recent` keeps repeats out.
-            cursor = min(cursor, (now - LOOKBACK, 0, 0))
-            self.forget_old(now)
-            self.next_due = await conn.fetchval(sql.NEXT_DUE, now)
+            seen: set[str] | None = None
+            if loop.time() >= full_scan_at:
+                # Everything still due, from the start: what the worker ignored goes out again (see `due_again`),
+                # and what is no longer due is forgotten.
+                cursors, full_scan_at, seen = {end.kind: ORIGIN for end in ENDS}, loop.time() + FULL_SCAN_SECONDS, set()
+            positions = dict(await conn.fetch(sql.WORKER_POSITIONS, self.settings.consumer_group,
+                                              self.settings.commands_topic))
+            for end in ENDS:
+                cursor = await self.publish_due(conn, end, now, cursors[end.kind], positions, seen)
+                # Next pass starts a little behind the cursor (late commits); `sent` keeps repeats out.
+                cursors[end.kind] = min(cursor, (now - LOOKBACK, 0, 0))
+            if seen is not None:
+                self.sent = {c: s for c, s in self.sent.items() if c in seen}
+            nexts = [t for end in ENDS if (t := await conn.fetchval(end.next_due, now)) is not None]
+            self.next_due = min(nexts, default=None)
             sleep = self.settings.ttl_max_sleep_seconds
             if self.next_due is not None:
                 sleep = min(sleep, max(0.0, (self.next_due - datetime.now(UTC)).total_seconds()))
             await leader.wait(self.wake, sleep)
 
-    async def publish_due(self, conn: asyncpg.Connection, now: datetime, cursor: tuple) -> tuple:
-        """Publish every membership due at `now` after `cursor`; returns the new cursor. Sets the TTL lag gauge
-        to this pass's worst lateness (0 when nothing was due)."""
+    def due_again(self, sent: Sent, positions: dict[int, int]) -> bool:
+        """Still due after the worker consumed its command (and REPUBLISH_AFTER passed): the worker ignored it."""
+        return (asyncio.get_running_loop().time() - sent.at >= REPUBLISH_AFTER.total_seconds()
+                and positions.get(sent.partition, 0) > sent.offset)
+
+    async def publish_due(self, conn: asyncpg.Connection, end: End, now: datetime, cursor: tuple,
+                          positions: dict[int, int], seen: set[str] | None = None) -> tuple:
+        """Publish every item of `end` due at `now` after `cursor` not published yet (or due again); returns the
+        new cursor. `seen` collects the ids of every due item. Sets the lag gauge to this pass's worst lateness."""
         lag = 0.0
         while True:
-            rows = await conn.fetch(sql.DUE, now, *cursor, self.settings.ttl_batch_max)
+            rows = await conn.fetch(end.due, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
                 metrics.TTL_LAG.set(lag)
                 return cursor
-            futures, sent = [], {}
+            futures, ids = [], []
             for r in rows:
-                command_id = expiry_command_id(r["user_id"], r["slug"], r["expires_at"])
-                if command_id in self.recent:
+                cid = command_id(self.secret, end.kind, r["user_id"], r["slug"], r["at"])
+                if seen is not None:
+                    seen.add(cid)
+                if cid in self.sent and not self.due_again(self.sent[cid], positions):
                     continue
-                cmd = ExpireMembership(command_id=command_id, user_id=r["user_id"], slug=r["slug"],
-                                       expires_at=r["expires_at"], issued_at=now)
+                cmd = end.command(cid, r, now)
                 futures.append(await self.producer.send(
                     self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
-                sent[command_id] = r["expires_at"]
-                lag = max(lag, (datetime.now(UTC) - r["expires_at"]).total_seconds())
-            await self.acknowledged(futures)  # bounded: a leader that cannot publish steps down
-            self.recent.update({cid: datetime.now(UTC) for cid in sent})  # only what the broker acknowledged
-            metrics.TTL_EXPIRIES.inc(len(futures))
+                ids.append(cid)
+                lag = max(lag, (datetime.now(UTC) - r["at"]).total_seconds())
+            acknowledged = await self.acknowledged(futures)  # bounded: a leader that cannot publish steps down
+            at = asyncio.get_running_loop().time()
+            self.sent.update({cid: Sent(m.partition, m.offset, at) for cid, m in zip(ids, acknowledged, strict=True)})
+            end.published.inc(len(futures))
             self.published += len(futures)
             if futures:
-                log.info("expiry commands published", extra={"count": len(futures), "up_to": format_time(rows[-1]["expires_at"])})
+                log.info(f"{end.kind} commands published",
+                         extra={"count": len(futures), "up_to": format_time(rows[-1]["at"])})
             last = rows[-1]
-            cursor = (last["expires_at"], last["user_id"], last["segment_id"])
+            cursor = (last["at"], last["user_id"], last["segment_id"])
             if len(rows) < self.settings.ttl_batch_max:
                 metrics.TTL_LAG.set(lag)
                 return cursor
-
-    def forget_old(self, now: datetime) -> None:
-        """After REPUBLISH_AFTER, a membership still due (not applied yet, or seen early by a worker whose
-        clock is behind) is published again while the lookback window still covers it."""
-        horizon = now - REPUBLISH_AFTER
-        for cid in [c for c, sent_at in self.recent.items() if sent_at < horizon]:
-            del self.recent[cid]
 
 
 async def main(settings: Settings) -> None:

@@ -229,6 +229,44 @@ def send_update_user(
            "add": adds, "remove": remove, "ttl_seconds": ttl}, wait, timeout)
 
 
+@send_app.command("update-segment-members",
+                  context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def send_update_segment_members(
+    ctx: typer.Context,
+    slug: str,
+    add_file: Path | None = typer.Option(None, "--add-file", help="File of user ids to add, one a line."),
+    ttl: int | None = typer.Option(None, help="TTL in seconds for every added user."),
+    expires_at: str | None = typer.Option(None, "--expires-at", help="Expiry (RFC 3339) for every added user."),
+    starts_at: str | None = typer.Option(None, "--starts-at", help="Start (RFC 3339) for every added user."),
+    command_id: str | None = COMMAND_ID, wait: bool = WAIT, timeout: float = TIMEOUT,
+) -> None:
+    """UpdateSegmentMembers: --add 1 2 3 --remove 4 (several ids after each), for one segment in one atomic step."""
+    lists: dict[str, list[int]] = {"--add": [], "--remove": []}
+    current = None
+    for token in ctx.args:
+        if token in lists:
+            current = lists[token]
+        elif current is not None and token.isdigit():
+            current.append(int(token))
+        else:
+            typer.echo(f"unexpected {token!r}: give user ids after --add or --remove", err=True)
+            raise typer.Exit(2)
+    if add_file is not None:
+        try:
+            lines = add_file.read_text().split()
+        except OSError as exc:
+            typer.echo(f"--add-file: {exc}", err=True)
+            raise typer.Exit(2) from None
+        bad = [x for x in lines if not x.isdigit()]
+        if bad:
+            typer.echo(f"--add-file: not a user id: {bad[0]!r}", err=True)
+            raise typer.Exit(2)
+        lists["--add"] += [int(x) for x in lines]
+    _send({"type": "UpdateSegmentMembers", "command_id": command_id or _new_id(), "slug": slug,
+           "add": lists["--add"], "remove": lists["--remove"], "ttl_seconds": ttl, "expires_at": expires_at,
+           "starts_at": starts_at}, wait, timeout)
+
+
 @send_app.command("register-users")
 def send_register_users(user_ids: list[int], command_id: str | None = COMMAND_ID, wait: bool = WAIT,
                         timeout: float = TIMEOUT) -> None:

@@ -19,6 +19,7 @@ OUTBOX_REFUSED = Counter("segmentation_outbox_refused_total", "Batches a topic r
 PUBLISH_LATENCY = Histogram("segmentation_outbox_publish_latency_seconds", "From outbox insert to broker ack",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 TTL_EXPIRIES = Counter("segmentation_ttl_expiries_published_total", "ExpireMembership commands published")
+TTL_STARTS = Counter("segmentation_ttl_starts_published_total", "StartMembership commands published")
 TTL_LAG = Gauge("segmentation_ttl_lag_seconds", "How late the last expiry command was published after its time")
 RELAY_ACTIVE = Gauge("segmentation_relay_active", "1 while this relay takes part (connected, sharing the shards)")
 RELAY_SHARDS = Gauge("segmentation_relay_shards", "Outbox shards this relay leads")

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from schemas import CreateSegment, UpdateUserSegments
 from service.infra import db
 from service.read.api import create_app
-from tests.support.harness import Stack, cid
+from tests.support.harness import FakeProducer, Stack, cid
 from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
 
 
@@ -138,40 +138,22 @@ async def _outage(settings, proxy, api) -> None:
         assert (await api.get("/readyz")).status == 200
 
 
-class _FlakyProducer:
-    """Fails every send until `fail` is cleared."""
-
-    def __init__(self):
-        self.fail, self.sent = True, []
-
-    async def send(self, topic, value=None, key=None):
-        from aiokafka.errors import KafkaTimeoutError
-
-        fut = asyncio.get_running_loop().create_future()
-        if self.fail:
-            fut.set_exception(KafkaTimeoutError())
-        else:
-            self.sent.append(value)
-            fut.set_result(None)
-        return fut
-
-
 async def test_an_expiry_the_broker_did_not_take_is_sent_again(conn, database_url):
     from aiokafka.errors import KafkaTimeoutError
 
-    from producers.ttl import EPOCH, TtlProducer
+    from producers.ttl import EXPIRIES, ORIGIN, TtlProducer
     from service.infra.settings import Settings
     from tests.support.batch import Feeder, create, update_user
 
     f = Feeder(conn)
     await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 1}]))
     expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
-    ttl = TtlProducer(Settings(database_url=database_url), producer=_FlakyProducer())
+    ttl = TtlProducer(Settings(database_url=database_url), producer=FakeProducer(fail=True))
     now = expires_at + timedelta(seconds=1)
     try:
-        await ttl.publish_due(conn, now, (EPOCH, 0, 0))
+        await ttl.publish_due(conn, EXPIRIES, now, ORIGIN, {})
     except KafkaTimeoutError:
         pass  # the leader loop starts over
     ttl.producer.fail = False
-    await ttl.publish_due(conn, now, (EPOCH, 0, 0))
+    await ttl.publish_due(conn, EXPIRIES, now, ORIGIN, {})
     assert len(ttl.producer.sent) == 1

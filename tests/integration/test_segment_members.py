@@ -1,10 +1,11 @@
 """UpdateSegmentMembers: for each user exactly what an UpdateUserSegments naming only that slug does."""
+import asyncio
 from datetime import timedelta
 
 import asyncpg
 
 from tests.support.batch import Feeder, create, update_user
-from tests.support.helpers import new_database
+from tests.support.helpers import new_database, wait_until
 
 ADD, REMOVE = list(range(1, 121)), list(range(121, 241))
 
@@ -95,3 +96,38 @@ async def test_bulk_rejections(conn):
                      "both": "INVALID_COMMAND", "none": "INVALID_COMMAND"}
     assert await conn.fetchval("SELECT count(*) FROM users") == 0  # a rejected command registers no one
 
+
+
+async def test_a_users_own_command_on_another_partition_waits_for_the_bulk_and_applies_on_its_result(
+        conn, database_url):
+    f = Feeder(conn)
+    await f.apply(create("S"), update_user("first", 7, add=["S"]), partition=9)
+    blocker, conn2, conn3 = [await asyncpg.connect(database_url) for _ in range(3)]
+
+    async def waiting_on_locks() -> int:
+        return await blocker.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND datname = current_database()")
+    try:
+        # Hold segment S for update: the bulk locks its users, then waits here for S.
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute("SELECT 1 FROM segments WHERE slug = 'S' FOR UPDATE")
+        bulk_task = asyncio.create_task(Feeder(conn2).apply(bulk("bulk", remove=[7, 8]), partition=0))
+        await wait_until(lambda: _at_least(waiting_on_locks(), 1), 10, message="the bulk waiting for S")
+        own = asyncio.create_task(Feeder(conn3).apply(update_user("own", 7, add=[{"slug": "S", "ttl_seconds": 60}]),
+                                                      partition=1))
+        await wait_until(lambda: _at_least(waiting_on_locks(), 2), 10, message="user 7's command waiting")
+        await hold.rollback()
+        await asyncio.wait_for(asyncio.gather(bulk_task, own), 20)
+    finally:
+        for c in (blocker, conn2, conn3):
+            await c.close()
+    assert [(c, u, r) for c, u, _, r in await f.events(7)] == [
+        ("added", 7, "command"), ("removed", 7, "command"), ("added", 7, "command")]
+    assert await f.members("S") == {7}  # the fold of those events
+    assert await conn.fetchval("SELECT count(*) FROM exclusions WHERE user_id = 7") == 0
+    assert await conn.fetchval("SELECT count(*) FROM exclusions WHERE user_id = 8") == 1
+
+
+async def _at_least(value, n: int) -> bool:
+    return await value >= n

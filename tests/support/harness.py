@@ -7,6 +7,9 @@ import json
 import uuid
 from collections import defaultdict
 
+from aiokafka.errors import KafkaTimeoutError
+from aiokafka.structs import RecordMetadata
+
 from consumers.worker import CommandWorker
 from producers.publisher import CommandClient
 from producers.relay import OutboxRelay
@@ -126,6 +129,22 @@ async def read_all(settings, topic: str) -> list:
         return records
     finally:
         await consumer.stop()
+
+
+class FakeProducer:
+    """Records what is sent (partition 0, offsets in order); every send fails while `fail` is set."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.sent = fail, []
+
+    async def send(self, topic, value=None, key=None):
+        fut = asyncio.get_running_loop().create_future()
+        if self.fail:
+            fut.set_exception(KafkaTimeoutError())
+        else:
+            self.sent.append(value)
+            fut.set_result(RecordMetadata(topic, 0, None, len(self.sent) - 1, -1, None, 0))
+        return fut
 
 
 def cid() -> str:

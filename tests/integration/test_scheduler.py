@@ -1,0 +1,113 @@
+"""The scheduler (TTL producer): both ends of a membership, each due item published once, ids nobody can forge."""
+import asyncio
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+from producers import ttl as scheduler
+from schemas import CreateSegment, ExpireMembership, UpdateUserSegments
+from schemas.common import format_time
+from tests.support.batch import Feeder, create, update_user
+from tests.support.harness import FakeProducer, Stack, cid, read_all
+from tests.support.helpers import wait_until
+
+MANY = 2000
+
+
+async def commands_published(settings) -> list:
+    return await read_all(settings, settings.commands_topic)
+
+
+async def test_due_items_sharing_one_time_are_published_once_while_the_worker_lags(conn, settings, monkeypatch):
+    """No worker runs (a lag without end): every due membership goes out once, not again each rescan."""
+    monkeypatch.setattr(scheduler, "REPUBLISH_AFTER", timedelta(seconds=0.5))
+    monkeypatch.setattr(scheduler, "FULL_SCAN_SECONDS", 1)
+    f = Feeder(conn)
+    at = (f.now + timedelta(seconds=1)).isoformat()
+    await f.apply(create("A"), *[update_user(f"u{u}", u, add=[{"slug": "A", "expires_at": at}])
+                                 for u in range(1, MANY + 1)])
+    producer = scheduler.TtlProducer(settings.model_copy(update={"ttl_max_sleep_seconds": 0.2}))
+    task = asyncio.create_task(producer.run())
+    try:
+        await wait_until(lambda: _published_at_least(producer, MANY), 30, message="every expiry published")
+        await asyncio.sleep(4)  # several rescans and full scans
+    finally:
+        producer.stop()
+        await asyncio.wait_for(task, 30)
+    published = await commands_published(settings)
+    assert len(published) == MANY
+    assert len({r.key for r in published}) == MANY
+
+
+async def _published_at_least(producer, n: int) -> bool:
+    return producer.published >= n
+
+
+async def test_a_publisher_that_guesses_the_expiry_command_id_cannot_block_the_expiry(settings):
+    async with Stack(settings, ttl=True) as stack:
+        seg = f"X_{cid()[:8]}"
+        await stack.request(CreateSegment(command_id=cid(), slug=seg))
+        expires_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+        r = await stack.request(UpdateUserSegments(command_id=cid(), user_id=42,
+                                                   add=[{"slug": seg, "expires_at": expires_at}]))
+        assert r["status"] == "applied"
+        # The formula of the ids used to be public (sha256 of user, slug and time): a hostile publisher takes
+        # the id first, with a body that does nothing (another expiry time), so the real command conflicts.
+        digest = hashlib.sha256(f"42|{seg}|{format_time(expires_at)}".encode()).hexdigest()[:32]
+        hostile = ExpireMembership(command_id=f"expire:42:{digest}", user_id=42, slug=seg,
+                                   expires_at=expires_at - timedelta(days=1))
+        assert (await stack.request(hostile))["status"] == "applied"
+
+        async def gone() -> bool:
+            rows = await stack.query("SELECT 1 FROM memberships m JOIN segments s ON s.id = m.segment_id "
+                                     "WHERE s.slug = $1", seg)
+            return not rows
+        await wait_until(gone, 30, message="the membership expired")
+
+
+async def test_an_item_still_due_after_the_worker_consumed_its_command_is_published_again(conn, settings,
+                                                                                          monkeypatch):
+    """A worker whose clock is behind answers an early command 'not due yet': it must come again, once the worker
+    is past it, and only then."""
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u", 1, add=[{"slug": "A", "ttl_seconds": 1}]))
+    now = await conn.fetchval("SELECT expires_at FROM memberships") + timedelta(seconds=1)
+    producer = scheduler.TtlProducer(settings, producer=FakeProducer())
+    producer.secret = b"k"
+
+    async def publish(positions) -> int:
+        before = len(producer.producer.sent)
+        await producer.publish_due(conn, scheduler.EXPIRIES, now, scheduler.ORIGIN, positions)
+        return len(producer.producer.sent) - before
+
+    assert await publish({}) == 1
+    assert await publish({0: 1}) == 0  # consumed, but REPUBLISH_AFTER has not passed
+    monkeypatch.setattr(scheduler, "REPUBLISH_AFTER", timedelta(0))
+    assert await publish({}) == 0  # the worker has not got to it: no repeat, whatever the time
+    assert await publish({0: 1}) == 1
+    assert await publish({0: 1}) == 0  # the repeat sits at offset 1 now
+
+
+async def test_a_schedule_whose_start_and_end_fall_in_the_same_second(settings):
+    async with Stack(settings, ttl=True) as stack:
+        seg = f"SAME_{cid()[:8]}"
+        await stack.request(CreateSegment(command_id=cid(), slug=seg))
+        second = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+        starts_at, expires_at = second + timedelta(milliseconds=200), second + timedelta(milliseconds=700)
+        r = await stack.request(UpdateUserSegments(command_id=cid(), user_id=77, add=[
+            {"slug": seg, "starts_at": starts_at, "expires_at": expires_at}]))
+        assert (r["status"], r["events"]) == ("applied", 0)
+
+        def events() -> list[tuple]:
+            return [(e["change"], e["reason"], e["occurred_at"]) for e in stack.collector.membership_events()
+                    if e["slug"] == seg]
+
+        async def both() -> bool:
+            return len(events()) >= 2
+        await wait_until(both, 30, message="the start and the expiry")
+        await asyncio.sleep(1)
+        assert events() == [("added", "scheduled", format_time(starts_at)),
+                            ("removed", "expired", format_time(expires_at))]
+        assert await stack.query("SELECT 1 FROM memberships UNION ALL SELECT 1 FROM scheduled_memberships") == []
+        history = await stack.query("SELECT operation, reason, occurred_at FROM membership_history "
+                                    "WHERE slug = $1 ORDER BY id", seg)
+        assert [tuple(h) for h in history] == [("added", "scheduled", starts_at), ("removed", "expired", expires_at)]
