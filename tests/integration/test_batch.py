@@ -166,12 +166,12 @@ async def test_hostile_messages_are_dead_letters_not_crashes(conn, raw, code):
 
 
 async def test_an_expiry_seen_before_its_time_still_counts_when_sent_again(conn):
-    from producers.ttl import expiry_command_id
+    from producers.ttl import command_id
 
     f = Feeder(conn)
     await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "ttl_seconds": 60}]))
     expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
-    cmd = {"type": "ExpireMembership", "command_id": expiry_command_id(1, "A", expires_at),
+    cmd = {"type": "ExpireMembership", "command_id": command_id(b"key", "expire", 1, "A", expires_at),
            "user_id": 1, "slug": "A", "expires_at": expires_at.isoformat()}
     f.now = expires_at - timedelta(milliseconds=20)  # this worker's clock is behind the TTL producer's
     await f.apply(cmd)
