@@ -219,12 +219,15 @@ class _Part:
                 self.apply_user_command(d, ctx)
 
     async def load_run(self, run: list[Decoded]) -> RunContext:
-        """Lock in one fixed order: users (rows, id order), the rollout lock if some are new, segments (id order)."""
-        new = await self.change_set.load_users(self.conn, {u for d in run for u in user_handlers.users_of(d.command)})
+        """Every lock first, in the one global order (after the offsets, taken by the part): users (rows, id
+        order), the rollout lock if some are new, segments (id order). Only then read the users' state: what
+        was read before a lock wait would be stale (a fan-out it waited for may have changed it)."""
+        new = await self.change_set.lock_users(self.conn, {u for d in run for u in user_handlers.users_of(d.command)})
         if new:
             await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, db.ROLLOUT_LOCK)
         slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
         rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new)) if slugs or new else []
+        await self.change_set.read_users(self.conn)
         segments = {r["slug"]: segment_handlers.segment_of(r) for r in rows}
         rollouts = [s for s in segments.values() if s.auto_percent > 0]
         return RunContext(self.change_set, segments, rollouts)

@@ -17,8 +17,9 @@ from service.write.outbox import OutboxRow, membership_event, result_row
 class ChangeSet:
     """An identity map of user state, the diff of what the rules changed, and the inbox and outbox rows.
 
-    It does not own the transaction: the batch opens it, and `flush` writes into it. User state is loaded
-    (and locked) once per transaction and snapshotted; `flush` writes the difference between the snapshot and
+    It does not own the transaction: the batch opens it, and `flush` writes into it. Users are locked
+    (`lock_users`), then, once every lock of the transaction is held, their state is read once and snapshotted
+    (`read_users`); `flush` writes the difference between the snapshot and
     the state the rules left, so every change of a row is written exactly once, then history, inbox and outbox
     rows in the order they were recorded.
     """
@@ -33,8 +34,9 @@ class ChangeSet:
     processed: list[tuple] = field(default_factory=list)
     earliest_expiry: datetime | None = None  # the scheduler's next due time among what this set wrote
 
-    async def load_users(self, conn: asyncpg.Connection, user_ids: set[int]) -> set[int]:
-        """Lock and read the users not loaded yet; returns those seen for the first time."""
+    async def lock_users(self, conn: asyncpg.Connection, user_ids: set[int]) -> set[int]:
+        """Lock the users' rows (inserting those seen for the first time); returns the new ones. Reads no state:
+        `read_users` does, once every other lock of the transaction is held too."""
         ids = sorted(u for u in user_ids if u not in self.users)
         if not ids:
             return set()
@@ -42,6 +44,16 @@ class ChangeSet:
         self.tentative |= new
         for u in ids:
             self.users[u] = UserState(u, known=u not in new)
+        return new
+
+    async def read_users(self, conn: asyncpg.Connection) -> None:
+        """Read the memberships, exclusions and schedules of the users locked and not read yet; snapshot them.
+
+        Call it only after the last lock wait: a fan-out committed meanwhile changed them (under READ COMMITTED
+        each statement sees what was committed before it started)."""
+        ids = sorted(u for u in self.users if u not in self.before)
+        if not ids:
+            return
         for r in await conn.fetch(sql.USER_MEMBERSHIPS, ids):
             self.users[r["user_id"]].memberships[r["segment_id"]] = Membership(
                 r["source"], r["added_at"], r["expires_at"]
@@ -53,7 +65,6 @@ class ChangeSet:
         for u in ids:
             state = self.users[u]
             self.before[u] = (dict(state.memberships), set(state.exclusions), dict(state.scheduled))
-        return new
 
     def record_changes(self, changes: list[Change], command_id: str | None) -> None:
         for c in changes:

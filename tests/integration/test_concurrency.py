@@ -116,3 +116,39 @@ async def test_a_run_registering_a_user_and_a_rollout_start_do_not_deadlock(conn
     release.set()
     results = await asyncio.gather(run, start, return_exceptions=True)
     assert [r for r in results if isinstance(r, BaseException)] == []
+
+
+async def _while_a_fan_out_is_open(conn, conn2, fan_out: dict, command: dict):
+    """Apply `fan_out` on `conn` without committing, `command` on `conn2` meanwhile; commit; return both done."""
+    open_batch = conn.transaction()
+    await open_batch.start()
+    await Feeder(conn).apply(fan_out, partition=0)
+    other = asyncio.create_task(Feeder(conn2).apply(command, partition=1))
+    await asyncio.sleep(0.5)
+    assert not other.done()  # it waits for the segment's row lock
+    await open_batch.commit()
+    await asyncio.wait_for(other, 30)
+
+
+async def test_an_explicit_remove_during_a_percent_raise_holds(conn, conn2):
+    await Feeder(conn).apply(create("X", percent=0), update_user("known", 42), partition=9)
+    await _while_a_fan_out_is_open(
+        conn, conn2, {"type": "UpdateSegment", "command_id": "raise", "slug": "X", "auto_percent": 100},
+        update_user("out", 42, remove=["X"]))
+    f = Feeder(conn)
+    assert 42 not in await f.members("X")
+    assert [r["slug"] for r in await views.user_segments(conn, 42)] == []
+    assert await f.events(42) == [("added", 42, "X", "auto_percent"), ("removed", 42, "X", "command")]
+    assert (await f.result("out"))["events"] == 1
+
+
+async def test_an_add_during_a_percent_cut_is_a_membership_with_its_added_event(conn, conn2):
+    await Feeder(conn).apply(create("X", percent=100), update_user("known", 42), partition=9)
+    assert 42 in await Feeder(conn).members("X")
+    await _while_a_fan_out_is_open(
+        conn, conn2, {"type": "UpdateSegment", "command_id": "cut", "slug": "X", "auto_percent": 0},
+        update_user("in", 42, add=["X"]))
+    f = Feeder(conn)
+    assert 42 in await f.members("X")
+    assert (await f.events(42))[-2:] == [("removed", 42, "X", "auto_percent"), ("added", 42, "X", "command")]
+    assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = 42") == "manual"
