@@ -4,7 +4,9 @@
   connection lost or timed out). Nothing was decided: try again later (the API answers 503).
 - `RETRYABLE`: the same work, done again, can succeed: everything `UNAVAILABLE`, plus a transaction that
   PostgreSQL rolled back for concurrency (deadlock, serialization failure). A batch that meets one is rolled
-  back and retried whole; no command is judged on it.
+  back and retried whole; no command is judged on it. A `lock_timeout` is one (the command waited behind a
+  fan-out; it is not wrong), and so is a `statement_timeout` (query canceled): fan-outs are cut into slices
+  so that no statement of a valid command runs into it.
 - `DATABASE_FAILURE`: anything a call to PostgreSQL can raise; the loops of the processes (the worker's
   batch retry, a leader's lock loop, waiting for the server) retry all of it.
 - Everything else a command's transaction raises is the command's own fault (`is_content_error`): its data
@@ -22,6 +24,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 RETRYABLE: tuple[type[BaseException], ...] = UNAVAILABLE + (
     pg.TransactionRollbackError,  # deadlock, serialization failure
+    pg.LockNotAvailableError,  # lock_timeout: the command waited behind another transaction, it is not wrong
 )
 DATABASE_FAILURE: tuple[type[BaseException], ...] = (
     TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,

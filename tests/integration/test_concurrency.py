@@ -152,3 +152,21 @@ async def test_an_add_during_a_percent_cut_is_a_membership_with_its_added_event(
     assert 42 in await f.members("X")
     assert (await f.events(42))[-2:] == [("removed", 42, "X", "auto_percent"), ("added", 42, "X", "command")]
     assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = 42") == "manual"
+
+
+async def test_a_lock_timeout_is_a_retry_not_a_rejection(conn, conn2):
+    await Feeder(conn).apply(create("X"), partition=9)
+    await conn2.execute("SET lock_timeout = '200ms'")
+    holder = conn.transaction()
+    await holder.start()
+    await Feeder(conn).apply({"type": "UpdateSegment", "command_id": "long", "slug": "X", "description": "d"},
+                             partition=0)  # holds X's row lock
+    waiting = Feeder(conn2)
+    record = waiting.record(update_user("valid", 42, add=["X"]), partition=1)
+    with pytest.raises(asyncpg.exceptions.LockNotAvailableError):
+        await waiting.processor.process(conn2, [record])
+    assert await conn2.fetchval("SELECT count(*) FROM processed_commands WHERE command_id = 'valid'") == 0
+    await holder.commit()
+    await waiting.processor.process(conn2, [record])  # the worker's retry
+    assert (await waiting.result("valid"))["status"] == "applied"
+    assert 42 in await waiting.members("X")
