@@ -148,7 +148,7 @@ async def main(settings: Settings) -> None:
     from service.infra.runtime import run_until_signalled
 
     await db.wait_for(settings.database_url)
-    pool = await db.create_pool(settings.database_url, 1, 3)
+    pool = await db.create_pool(settings, "worker", 1, 3)
     worker = CommandWorker(settings, pool)
     try:
         await run_until_signalled(worker.run(), worker.stop)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from importlib import resources
 
 import asyncpg
 
 from service.infra import errors, sql
+from service.infra.settings import Settings
 
 log = logging.getLogger("segmentation.db")
 
@@ -18,8 +20,24 @@ TTL_LOCK = 7_361_003  # session lock: the active TTL producer
 ROLLOUT_LOCK = 7_361_004  # transaction lock: registrations (shared) vs. rollout starts (exclusive), write/sql.py
 
 
-async def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+def server_settings(settings: Settings, application: str) -> dict[str, str]:
+    """Session settings of every pooled connection: TCP keepalive (a vanished client's locks are freed) and the
+    statement, lock and idle-in-transaction timeouts (-1 keeps the server's)."""
+    out = {"application_name": f"segmentation-{application}-{os.getpid()}",
+           "tcp_keepalives_idle": str(settings.db_tcp_keepalives_idle_seconds),
+           "tcp_keepalives_interval": str(settings.db_tcp_keepalives_interval_seconds),
+           "tcp_keepalives_count": str(settings.db_tcp_keepalives_count)}
+    timeouts = {"statement_timeout": settings.db_statement_timeout_ms, "lock_timeout": settings.db_lock_timeout_ms,
+                "idle_in_transaction_session_timeout": settings.db_idle_in_transaction_timeout_ms}
+    return out | {name: str(ms) for name, ms in timeouts.items() if ms >= 0}
+
+
+async def create_pool(settings: Settings, application: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    """A pool whose every wait is bounded: `db_command_timeout_seconds` on each call, the server settings above."""
+    return await asyncpg.create_pool(
+        settings.database_url, min_size=min_size, max_size=max_size,
+        command_timeout=settings.db_command_timeout_seconds,
+        server_settings=server_settings(settings, application))
 
 
 async def wait_for(url: str, timeout: float = 60.0) -> None:

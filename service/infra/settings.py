@@ -57,3 +57,11 @@ class Settings(BaseSettings):
     log_format: str = "json"
     db_pool_min: int = 1
     db_pool_max: int = 10
+    # Every wait on PostgreSQL is bounded (the pools of the worker and the API). -1: keep the server's setting.
+    db_command_timeout_seconds: float = Field(default=90.0, gt=0)  # client side: a half-open connection too
+    db_statement_timeout_ms: int = Field(default=60_000, ge=-1)
+    db_lock_timeout_ms: int = Field(default=10_000, ge=-1)
+    db_idle_in_transaction_timeout_ms: int = Field(default=60_000, ge=-1)
+    db_tcp_keepalives_idle_seconds: int = Field(default=10, ge=0)  # the server notices a vanished client
+    db_tcp_keepalives_interval_seconds: int = Field(default=5, ge=0)  # (and frees its locks) within ~25 s
+    db_tcp_keepalives_count: int = Field(default=3, ge=0)

@@ -199,8 +199,7 @@ async def get_docs(request: web.Request) -> web.Response:
 
 async def _database(app: web.Application):
     settings = app[SETTINGS]
-    app[POOL] = await asyncpg.create_pool(settings.database_url, min_size=settings.db_pool_min,
-                                          max_size=settings.db_pool_max)
+    app[POOL] = await db.create_pool(settings, "api", settings.db_pool_min, settings.db_pool_max)
     app[REPORTS] = asyncio.Semaphore(max(1, settings.db_pool_max // 2))
     yield
     await app[POOL].close()

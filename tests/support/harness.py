@@ -74,7 +74,7 @@ class Stack:
     async def __aenter__(self) -> Stack:
         s = self.settings
         await kafka.create_topics(s)
-        self.pool = await db.create_pool(s.database_url, 1, 4)
+        self.pool = await db.create_pool(s, "test", 1, 4)
         for _ in range(self.n_workers):
             await self.add_worker()
         self.relay = OutboxRelay(s)
