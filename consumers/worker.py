@@ -46,7 +46,7 @@ class CommandWorker:
         self.settings = settings
         self.pool = pool
         self.consumer = consumer or kafka.consumer(settings, group=settings.consumer_group)
-        self.processor = BatchProcessor(settings.consumer_group)
+        self.processor = BatchProcessor(settings.consumer_group, fan_out_slice=settings.fan_out_slice)
         self.batch_lock = asyncio.Lock()
         self.revoking = False
         self.stopping = asyncio.Event()

@@ -65,3 +65,4 @@ class Settings(BaseSettings):
     db_tcp_keepalives_idle_seconds: int = Field(default=10, ge=0)  # the server notices a vanished client
     db_tcp_keepalives_interval_seconds: int = Field(default=5, ge=0)  # (and frees its locks) within ~25 s
     db_tcp_keepalives_count: int = Field(default=3, ge=0)
+    fan_out_slice: int = Field(default=20_000, ge=1)  # users per statement of a segment fan-out

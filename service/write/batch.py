@@ -107,9 +107,10 @@ Work = Callable[["_Part", list[Decoded]], Awaitable[None]]
 class BatchProcessor:
     """Applies a batch of records from one topic, part by part (see the module's docstring)."""
 
-    def __init__(self, group: str, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, group: str, clock: Callable[[], datetime] = utcnow, fan_out_slice: int = 20_000):
         self.group = group
         self.clock = clock
+        self.fan_out_slice = fan_out_slice  # users per statement of a segment fan-out
 
     async def process(self, conn: asyncpg.Connection, records: list[InboundRecord],
                       report: BatchReport | None = None) -> BatchReport:
@@ -154,7 +155,7 @@ class BatchProcessor:
             fresh = [d for d in items if d.record.offset >= stored[d.record.partition]]
             done.skipped = len(items) - len(fresh)
             if fresh:
-                part = _Part(conn, ChangeSet(self.clock()), done)
+                part = _Part(conn, ChangeSet(self.clock()), done, self.fan_out_slice)
                 await part.find_processed(fresh)
                 await work(part, fresh)
                 await part.change_set.flush(conn)
@@ -190,8 +191,9 @@ def _label(d: Decoded) -> str:
 class _Part:
     """The records of one transaction, applied in partition order, their writes collected in a change set."""
 
-    def __init__(self, conn: asyncpg.Connection, change_set: ChangeSet, report: BatchReport):
+    def __init__(self, conn: asyncpg.Connection, change_set: ChangeSet, report: BatchReport, fan_out_slice: int):
         self.conn, self.change_set, self.report = conn, change_set, report
+        self.fan_out_slice = fan_out_slice
         self.seen: dict[str, tuple[str, str]] = {}  # command id -> (body hash, stored result json)
 
     async def find_processed(self, items: list[Decoded]) -> None:
@@ -247,7 +249,7 @@ class _Part:
         handler = SEGMENT_HANDLERS[type(d.command)]
         try:
             async with self.conn.transaction():  # savepoint: a rejected command leaves nothing behind
-                events, event = await handler(self.conn, d.command, self.change_set)
+                events, event = await handler(self.conn, d.command, self.change_set, self.fan_out_slice)
         except CommandRejectedError as exc:
             self.finish(d, "rejected", error=exc.info)
         else:

@@ -1,10 +1,11 @@
-"""Handlers of segment commands: one row lock, then set-based SQL for every fan-out.
+"""Handlers of segment commands: one row lock, then set-based SQL for every fan-out, a slice of users at a time.
 
 Each returns the number of MembershipChanged events it wrote and its SegmentChanged event.
 """
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 
@@ -62,7 +63,29 @@ async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
         await conn.execute(sql.LOCK_ROLLOUT_EXCLUSIVE, db.ROLLOUT_LOCK)
 
 
-async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: ChangeSet) -> tuple[int, SegmentChanged]:
+async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices: AsyncIterator[list[int]]) -> int:
+    """Apply a fan-out `statement` (its users the last argument) to each slice of users, in the caller's
+    transaction; returns the events written."""
+    events = 0
+    async for ids in slices:
+        events += await conn.fetchval(statement, *args, ids)
+    return events
+
+
+async def walk(conn: asyncpg.Connection, slice_size: int, query: str, *query_args) -> AsyncIterator[list[int]]:
+    """The user ids `query` selects, in slices of `slice_size`, through a cursor (the caller's transaction)."""
+    cursor = await conn.cursor(query, *query_args)
+    while ids := [r["user_id"] for r in await cursor.fetch(slice_size)]:
+        yield ids
+
+
+async def in_slices(user_ids: list[int], slice_size: int) -> AsyncIterator[list[int]]:
+    for i in range(0, len(user_ids), slice_size):
+        yield user_ids[i:i + slice_size]
+
+
+async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: ChangeSet,
+                         slice_size: int) -> tuple[int, SegmentChanged]:
     await _starting_a_rollout(conn, cmd.auto_percent)
     if await conn.fetchrow(sql.LOCK_SEGMENT_FOR_UPDATE, cmd.slug) is not None:
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}", {"slugs": [cmd.slug]})
@@ -79,13 +102,13 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: 
     event = _segment_changed("created", seg, cmd.description, now, cmd.command_id)
     if percent == 0:
         return 0, event
-    return await conn.fetchval(
-        sql.ROLLOUT_ADD, segment_id, cmd.slug, now, format_time(now), cmd.command_id, seg.bucket_salt,
-        seg.bucket_start or 0, line(seg)
-    ), event
+    args = (segment_id, cmd.slug, now, format_time(now), cmd.command_id, seg.bucket_salt, seg.bucket_start or 0,
+            line(seg))
+    return await fan_out(conn, sql.ROLLOUT_ADD, args, walk(conn, slice_size, sql.FAN_OUT_KNOWN_USERS)), event
 
 
-async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: ChangeSet) -> tuple[int, SegmentChanged]:
+async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: ChangeSet,
+                         slice_size: int) -> tuple[int, SegmentChanged]:
     await _starting_a_rollout(conn, cmd.auto_percent)
     row = await _locked(conn, cmd.slug)
     now = changes.now
@@ -99,18 +122,21 @@ async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: 
     # In a layer the start is kept, so both lines lie on one range: only the users between them move.
     if new.auto_percent > old.auto_percent:  # only the users between the old and the new line join
         first = (new.bucket_start or 0) + threshold(old.auto_percent)
-        return await conn.fetchval(sql.ROLLOUT_ADD, *args, first, line(new)), event
+        users = walk(conn, slice_size, sql.FAN_OUT_KNOWN_USERS)
+        return await fan_out(conn, sql.ROLLOUT_ADD, (*args, first, line(new)), users), event
     if new.auto_percent < old.auto_percent:  # only rollout members above the new line leave; explicit members stay
-        return await conn.fetchval(sql.ROLLOUT_REMOVE, *args, line(new)), event
+        members = walk(conn, slice_size, sql.FAN_OUT_SEGMENT_MEMBERS, row["id"])
+        return await fan_out(conn, sql.ROLLOUT_REMOVE, (*args, line(new)), members), event
     return 0, event
 
 
-async def delete_segment(conn: asyncpg.Connection, cmd: DeleteSegment, changes: ChangeSet) -> tuple[int, SegmentChanged]:
+async def delete_segment(conn: asyncpg.Connection, cmd: DeleteSegment, changes: ChangeSet,
+                         slice_size: int) -> tuple[int, SegmentChanged]:
     row = await _locked(conn, cmd.slug)
     now = changes.now
-    removed = await conn.fetchval(
-        sql.SEGMENT_DELETE_MEMBERS, row["id"], cmd.slug, now, format_time(now), cmd.command_id
-    )
+    args = (row["id"], cmd.slug, now, format_time(now), cmd.command_id)
+    members = walk(conn, slice_size, sql.FAN_OUT_SEGMENT_MEMBERS, row["id"])
+    removed = await fan_out(conn, sql.SEGMENT_DELETE_MEMBERS, args, members)
     await conn.execute(sql.DELETE_SEGMENT_EXCLUSIONS, row["id"])
     await conn.execute(sql.DELETE_SEGMENT_SCHEDULES, row["id"])  # not members yet: no events
     await conn.execute(sql.MARK_SEGMENT_DELETED, row["id"], now)  # its layer range is free from now on

@@ -18,11 +18,11 @@ from service.domain import CommandRejectedError
 from service.infra import db
 from service.write import sql
 from service.write.change_set import ChangeSet
-from service.write.segment_handlers import line, segment_of
+from service.write.segment_handlers import fan_out, in_slices, line, segment_of
 
 
-async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMembers, changes: ChangeSet
-                                 ) -> tuple[int, None]:
+async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMembers, changes: ChangeSet,
+                                 slice_size: int) -> tuple[int, None]:
     now = changes.now
     domain.validate_segment_members(cmd, now)
     named = sorted(cmd.add + cmd.remove)
@@ -55,7 +55,7 @@ async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMem
         await conn.execute(sql.MEMBERS_EXCLUDE, seg.id, cmd.remove, now)
         events += await conn.fetchval(sql.MEMBERS_REMOVE, *args, cmd.remove)
     for rollout in (s for s in segments if s.auto_percent > 0 and new):  # id order, as the rules register
-        events += await conn.fetchval(sql.ROLLOUT_ADD_USERS, rollout.id, rollout.slug, now, format_time(now),
-                                      cmd.command_id, rollout.bucket_salt, rollout.bucket_start or 0, line(rollout),
-                                      new)
+        joins = (rollout.id, rollout.slug, now, format_time(now), cmd.command_id, rollout.bucket_salt,
+                 rollout.bucket_start or 0, line(rollout))
+        events += await fan_out(conn, sql.ROLLOUT_ADD, joins, in_slices(new, slice_size))
     return events, None

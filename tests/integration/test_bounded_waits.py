@@ -38,3 +38,23 @@ async def test_a_timeout_set_to_minus_one_keeps_the_servers(database_url):
         assert await pool.fetchval("SHOW lock_timeout") == "7s"
     finally:
         await pool.close()
+
+
+async def test_a_fan_out_longer_than_the_statement_timeout_goes_through_in_slices(conn):
+    from tests.support.batch import Feeder, create
+
+    f = Feeder(conn, fan_out_slice=2_000)
+    await f.apply(create("X"))
+    await conn.execute("INSERT INTO users (user_id, registered_at) SELECT g, now() FROM generate_series(1, 150000) g")
+    await conn.execute("SET statement_timeout = '1s'")  # as a managed database sets it; one statement is not enough
+    for percent, members in ((100, 150_000), (50, None), (0, 0)):
+        report = await f.apply({"type": "UpdateSegment", "command_id": f"to-{percent}", "slug": "X",
+                                "auto_percent": percent})
+        assert report.outcomes[("UpdateSegment", "applied")] == 1
+        if members is not None:
+            assert await conn.fetchval("SELECT count(*) FROM memberships") == members
+    await f.apply({"type": "UpdateSegment", "command_id": "back", "slug": "X", "auto_percent": 100})
+    report = await f.apply({"type": "DeleteSegment", "command_id": "del", "slug": "X"})
+    assert report.events == 150_000 and await conn.fetchval("SELECT count(*) FROM memberships") == 0
+    events = await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'membership'")
+    assert events == 150_000 * 2 + report.events + (await f.result("to-0"))["events"] + (await f.result("to-50"))["events"]

@@ -11,11 +11,11 @@ from service.write.decoding import InboundRecord
 class Feeder:
     """Appends records to a partition of a fake topic and applies them in batches, with a settable clock."""
 
-    def __init__(self, conn, now: datetime | None = None):
+    def __init__(self, conn, now: datetime | None = None, fan_out_slice: int = 20_000):
         self.conn = conn
         self.now = now or datetime.now(UTC)
         self.offsets: dict[int, int] = {}
-        self.processor = BatchProcessor("test-group", clock=lambda: self.now)
+        self.processor = BatchProcessor("test-group", clock=lambda: self.now, fan_out_slice=fan_out_slice)
 
     def record(self, body, partition: int = 0, key: bytes | None = None) -> InboundRecord:
         offset = self.offsets.get(partition, 0)
