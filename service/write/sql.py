@@ -24,11 +24,11 @@ WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = n.partition
 
 # --- inbox --------------------------------------------------------------------------------------------
 FIND_PROCESSED = """
-SELECT command_id, body_hash, result::text AS result FROM processed_commands WHERE command_id = ANY($1::text[])
+SELECT command_id, body_hash, result FROM processed_commands WHERE command_id = ANY($1::text[])
 """
 STORE_PROCESSED = """
 INSERT INTO processed_commands (command_id, type, body_hash, result, processed_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[])
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
 """
 
 # --- segments -----------------------------------------------------------------------------------------

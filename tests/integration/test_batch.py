@@ -284,3 +284,14 @@ async def test_a_record_that_breaks_the_worker_is_quarantined_and_the_partition_
     assert await f.members("A") == {1, 3}
     payload, headers, _ = (await f.outbox("dlq"))[0]
     assert headers["error.code"] == "UNPROCESSABLE" and b'"poison"' in bytes(payload)
+
+
+async def test_a_stored_result_is_published_again_byte_for_byte(conn):
+    f = Feeder(conn)
+    await f.apply(create("A"), update_user("u1", 7, add=["A"], ttl_seconds=60))
+    await f.apply(update_user("u1", 7, add=["A"], ttl_seconds=60))  # another batch: read back from the inbox
+    published = [bytes(r["payload"]) for r in await conn.fetch(
+        "SELECT payload FROM outbox WHERE kind = 'result' AND key = 'u1'::bytea ORDER BY seq")]
+    assert len(published) == 2 and published[1] == published[0]
+    stored = await conn.fetchval("SELECT result FROM processed_commands WHERE command_id = 'u1'")
+    assert stored.encode() == published[0]  # GET /commands/{id} answers the same bytes

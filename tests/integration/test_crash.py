@@ -51,7 +51,7 @@ async def publish_commands(stack, slugs: dict[str, str]) -> int:
 async def check_exactly_once(stack, slugs: dict[str, str], total: int) -> None:
     names = {v: k for k, v in slugs.items()}
     await wait_until(lambda: _at_least(processed(stack), total + 2), timeout=120, message="every command applied")
-    rows = await stack.query("SELECT status, count(*) AS n FROM (SELECT result->>'status' AS status "
+    rows = await stack.query("SELECT status, count(*) AS n FROM (SELECT result::jsonb->>'status' AS status "
                              "FROM processed_commands) r GROUP BY status")
     assert {r["status"]: r["n"] for r in rows} == {"applied": total + 2}
     history = await stack.query("SELECT count(*) AS n FROM membership_history")
