@@ -214,7 +214,8 @@ class _Part:
         ctx = await self.load_run([d for d in items if isinstance(d.command, USER_COMMANDS)])
         for d in items:
             if d.command is None:
-                self.dead_letter(d)
+                assert d.error_code is not None and d.error_message is not None  # what makes it a dead letter
+                self.dead_letter(d, d.error_code, d.error_message)
             elif d.command_id in self.seen:
                 self.answer_duplicate(d)
             else:
@@ -240,8 +241,10 @@ class _Part:
         except CommandRejectedError as exc:
             self.finish(d, "rejected", error=exc.info)
         except NotDueYetError:
-            # Not stored: the TTL producer sends the same id again, and then it must count.
-            self.finish(d, "applied", 0, store=False)
+            # Nothing decided, nothing published or stored: the TTL producer sends the same id again, and that
+            # one gets the command's one result.
+            self.report.outcomes[(_label(d), "not_due")] += 1
+            log.info("expiry not due yet", extra={"position": d.record.position, "command_id": d.command_id})
         else:
             self.finish(d, "applied", events)
 
@@ -259,7 +262,7 @@ class _Part:
 
     def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,
                store: bool = True) -> None:
-        """Publish the command's result; store it under its id unless `store` is False (nothing was decided)."""
+        """Publish the command's result; store it under its id unless `store` is False (a dead letter)."""
         assert d.command_id is not None  # a decoded command always has its id
         result = CommandResult(
             command_id=d.command_id, type=d.type, status=status, error=error,
@@ -275,16 +278,19 @@ class _Part:
                                                 "error_code": error.code.value, "error": error.message})
 
     async def refuse(self, d: Decoded, exc: Exception) -> None:
-        """The database refused the command, or a rule could not handle its values: reject it alone."""
+        """The database refused the command, or a rule could not handle its values: reject it alone. If its id
+        was stored meanwhile (the same id applied at once on another partition), it is a duplicate instead."""
+        if d.command_id in self.seen:
+            self.answer_duplicate(d)
+            return
         log.error("command could not be applied",
                   extra={"position": d.record.position, "command_id": d.command_id, "error": str(exc)})
         self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND,
                                                    message=printable(f"could not be applied: {exc}")))
 
     async def quarantine(self, d: Decoded, reason: str) -> None:
-        """A record that breaks the worker: to the dead-letter topic, so that the partition goes on."""
-        self.change_set.record_outbox(dead_letter_row(d.record, "UNPROCESSABLE", reason))
-        self.report.dead_letters += 1
+        """A record that breaks the worker: a dead letter (UNPROCESSABLE), so that the partition goes on."""
+        self.dead_letter(d, "UNPROCESSABLE", reason)
 
     def answer_duplicate(self, d: Decoded) -> None:
         """A seen command id: the stored result again, or a conflict if the body differs."""
@@ -306,15 +312,15 @@ class _Part:
         self.report.outcomes[(_label(d), status)] += 1
         log.info("duplicate command", extra={"position": d.record.position, "command_id": d.command_id, "status": status})
 
-    def dead_letter(self, d: Decoded) -> None:
-        assert d.error_code is not None and d.error_message is not None  # what makes it a dead letter
-        self.change_set.record_outbox(dead_letter_row(d.record, d.error_code, d.error_message))
+    def dead_letter(self, d: Decoded, code: str, message: str) -> None:
+        """To the DLQ with the headers that say why. A readable command id gets a `rejected` result that is
+        published but not stored: the id stays free for the corrected command or a replay from the DLQ."""
+        self.change_set.record_outbox(dead_letter_row(d.record, code, message))
         self.report.dead_letters += 1
         log.warning("dead letter", extra={"position": d.record.position, "command_id": d.command_id,
-                                          "error_code": d.error_code, "error": d.error_message})
+                                          "error_code": code, "error": message})
         if d.command_id in self.seen:
-            self.answer_duplicate(d)  # the same id again: its stored result, or a conflict
+            self.answer_duplicate(d)  # an id already applied: its stored result, or a conflict
         elif d.command_id is not None:
-            # Published, not stored: the id stays free for the corrected command or a replay after a fix.
-            self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=d.error_message,
-                                                       details={"dead_letter": d.error_code}), store=False)
+            self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=message,
+                                                       details={"dead_letter": code}), store=False)

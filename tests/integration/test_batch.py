@@ -63,10 +63,14 @@ async def test_poison_messages_go_to_the_dlq_and_the_partition_goes_on(conn):
     assert results["bad-field"][0]["error"]["code"] == "INVALID_COMMAND"
     assert results["good"][0]["status"] == "applied"
     assert await f.members("A") == {3}
-    # The same bad message again is dead-lettered again, and its stored result published again.
+    # A dead letter's result is published, not stored: the same bad message again is rejected again, and the
+    # corrected command is applied under that id.
+    assert await conn.fetchval("SELECT count(*) FROM processed_commands WHERE command_id IN ('boom', 'bad-field')") == 0
     await f.apply({"type": "Explode", "command_id": "boom"})
     assert [h["error.code"] for _, h, _ in await f.outbox("dlq")][-1] == "UNKNOWN_TYPE"
-    assert (await f.results())["boom"] == [results["boom"][0]] * 2
+    assert [r["status"] for r in (await f.results())["boom"]] == ["rejected", "rejected"]
+    await f.apply(update_user("bad-field", 4, add=["A"]))
+    assert (await f.result("bad-field"))["status"] == "applied" and await f.members("A") == {3, 4}
 
 
 async def test_a_batch_is_applied_once_even_when_redelivered(conn):
@@ -215,9 +219,13 @@ async def test_an_early_expiry_sent_twice_in_one_batch(conn):
     expires_at = await conn.fetchval("SELECT expires_at FROM memberships")
     cmd = {"type": "ExpireMembership", "command_id": "exp-x", "user_id": 1, "slug": "A",
            "expires_at": expires_at.isoformat()}
-    await f.apply(cmd, cmd)  # a producer retry, before its time
-    assert [r["status"] for r in (await f.results())["exp-x"]] == ["applied", "applied"]
+    report = await f.apply(cmd, cmd)  # a producer retry, before its time
+    assert "exp-x" not in await f.results()  # nothing decided: no result (the due one gets the only one)
+    assert report.outcomes[("ExpireMembership", "not_due")] == 2
     assert await f.members("A") == {1}
+    f.now = expires_at + timedelta(seconds=1)  # due: the command's one result
+    await f.apply(cmd)
+    assert [(r["status"], r["events"]) for r in (await f.results())["exp-x"]] == [("applied", 1)]
 
 
 async def test_counts_survive_a_retry_after_a_partly_committed_batch(conn, monkeypatch):
@@ -295,3 +303,26 @@ async def test_a_stored_result_is_published_again_byte_for_byte(conn):
     assert len(published) == 2 and published[1] == published[0]
     stored = await conn.fetchval("SELECT result FROM processed_commands WHERE command_id = 'u1'")
     assert stored.encode() == published[0]  # GET /commands/{id} answers the same bytes
+
+
+async def test_a_quarantined_record_gets_a_rejected_result_that_is_not_stored(conn, monkeypatch):
+    from service.write import user_handlers
+
+    f = Feeder(conn)
+    await f.apply(create("A"))
+    original = user_handlers.slugs_of
+
+    def broken(cmd):
+        if getattr(cmd, "command_id", "") == "poison":
+            raise KeyError("boom")
+        return original(cmd)
+
+    monkeypatch.setattr(user_handlers, "slugs_of", broken)
+    await f.apply(update_user("poison", 2, add=["A"]))
+    result = await f.result("poison")
+    assert result["status"] == "rejected" and result["error"]["details"] == {"dead_letter": "UNPROCESSABLE"}
+    assert await conn.fetchval("SELECT count(*) FROM processed_commands WHERE command_id = 'poison'") == 0
+    monkeypatch.setattr(user_handlers, "slugs_of", original)  # fixed: the same bytes replayed from the DLQ apply
+    await f.apply(update_user("poison", 2, add=["A"]))
+    assert (await f.result("poison"))["status"] == "applied" and await f.members("A") == {2}
+

@@ -170,3 +170,38 @@ async def test_a_lock_timeout_is_a_retry_not_a_rejection(conn, conn2):
     await waiting.processor.process(conn2, [record])  # the worker's retry
     assert (await waiting.result("valid"))["status"] == "applied"
     assert 42 in await waiting.members("X")
+
+
+async def test_one_command_id_on_two_partitions_at_once_rejects_nothing_else(conn, conn2):
+    await Feeder(conn).apply(create("A"), partition=9)
+    dup = update_user("dup", 7, add=["A"])
+    open_batch = conn.transaction()
+    await open_batch.start()
+    await Feeder(conn).apply(dup, partition=0)  # stored in the inbox, not committed yet
+    other = asyncio.create_task(Feeder(conn2).apply(update_user("other", 5, add=["A"]), dup, partition=1))
+    await asyncio.sleep(0.5)
+    assert not other.done()
+    await open_batch.commit()
+    report = await asyncio.wait_for(other, 30)
+    f = Feeder(conn)
+    assert (await f.result("other"))["status"] == "applied" and await f.members("A") == {5, 7}
+    assert [r["status"] for r in (await f.results())["dup"]] == ["applied", "applied"]  # the stored one again
+    assert report.outcomes[("UpdateUserSegments", "duplicate")] == 1
+    assert await f.events(7) == [("added", 7, "A", "command")]
+
+
+async def test_one_command_id_for_two_users_on_two_partitions_at_once(conn, conn2):
+    await Feeder(conn).apply(create("A"), partition=9)
+    open_batch = conn.transaction()
+    await open_batch.start()
+    await Feeder(conn).apply(update_user("same", 7, add=["A"]), partition=0)
+    other = asyncio.create_task(Feeder(conn2).apply(
+        update_user("other", 5, add=["A"]), update_user("same", 8, add=["A"]), partition=1))
+    await asyncio.sleep(0.5)
+    assert not other.done()  # it waits on the inbox row of "same"
+    await open_batch.commit()
+    await asyncio.wait_for(other, 30)
+    f = Feeder(conn)
+    assert (await f.result("other"))["status"] == "applied"
+    assert (await f.result("same"))["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    assert await f.members("A") == {5, 7}
