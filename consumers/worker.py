@@ -18,6 +18,26 @@ from service.write.decoding import InboundRecord
 log = logging.getLogger("segmentation.worker")
 
 
+_RESET_MESSAGES = {
+    "beyond_log_end": "stored offset beyond the end of the log (topic recreated or truncated): "
+                      "starting again at the log's beginning",
+    "before_log_start": "stored offset before the start of the log: commands deleted by retention before "
+                        "they were applied are lost; starting at the log's beginning",
+}
+
+
+def start_position(stored: int, log_start: int, log_end: int) -> tuple[int, str | None]:
+    """Where a partition's consumption starts: the offset stored with the effects, unless the log no longer has
+    it. Beyond the log's end, the topic was recreated or truncated: its records are new commands, applied from
+    its beginning (their ids still deduplicated by the inbox). Before the log's start, retention deleted
+    commands that were never applied: they are lost, said loudly. The reason is None when nothing is wrong."""
+    if stored > log_end:
+        return log_start, "beyond_log_end"
+    if stored < log_start:
+        return log_start, "before_log_start"
+    return stored, None
+
+
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
     """On assignment, start where PostgreSQL says; on revocation, let the batch in hand finish first."""
 
@@ -53,14 +73,26 @@ class CommandWorker:
         self.next_lag_update = 0.0
 
     async def seek_to_stored(self, assigned) -> None:
+        """Seek each partition to the offset stored in PostgreSQL (see `start_position` when the log lost it)."""
         tps = sorted(assigned, key=lambda tp: tp.partition)
+        group, topic = self.settings.consumer_group, self.settings.commands_topic
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(sql.READ_OFFSETS, self.settings.consumer_group, self.settings.commands_topic,
-                                    [tp.partition for tp in tps])
+            rows = await conn.fetch(sql.READ_OFFSETS, group, topic, [tp.partition for tp in tps])
         stored = {r["partition"]: r["next_offset"] for r in rows}
-        for tp in tps:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
+        known = [tp for tp in tps if tp.partition in stored]
+        starts = await self.consumer.beginning_offsets(known) if known else {}
+        ends = await self.consumer.end_offsets(known) if known else {}
+        for tp in known:
+            position, reason = start_position(stored[tp.partition], starts[tp], ends[tp])
+            if reason is not None:
+                metrics.OFFSET_RESETS.labels(reason).inc()
+                log.error(_RESET_MESSAGES[reason], extra={
+                    "partition": tp.partition, "stored_offset": stored[tp.partition], "log_start": starts[tp],
+                    "log_end": ends[tp], "position": position})
+                if reason == "beyond_log_end":  # else the batch would skip the new records as applied
+                    async with self.pool.acquire() as conn:
+                        await conn.execute(sql.RESET_OFFSET, group, topic, tp.partition, stored[tp.partition], position)
+            self.consumer.seek(tp, position)
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in tps], "stored_offsets": stored})
 
     async def run(self) -> None:
@@ -96,6 +128,8 @@ class CommandWorker:
         metrics.DEAD_LETTERS.inc(report.dead_letters)
         if not complete:
             return
+        if report.skipped:  # records below the stored offsets: a newer owner, or a log that was recreated
+            await self.seek_to_stored(batch.keys())
         metrics.BATCH_SIZE.observe(len(records))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         now_ms = time.time() * 1000

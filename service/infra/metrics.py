@@ -11,6 +11,8 @@ COMMAND_LATENCY = Histogram("segmentation_command_latency_seconds",
                             "From a command's Kafka timestamp until its batch is committed",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 CONSUMER_LAG = Gauge("segmentation_consumer_lag", "Records behind the partition's end", ["topic", "partition"])
+OFFSET_RESETS = Counter("segmentation_offset_resets_total",
+                        "Partitions whose stored offset the log no longer holds", ["reason"])
 BATCH_RETRIES = Counter("segmentation_batch_retries_total", "Batches retried after a database or broker error")
 OUTBOX_BACKLOG = Gauge("segmentation_outbox_backlog", "Outbox rows not published yet")
 OUTBOX_PUBLISHED = Counter("segmentation_outbox_published_total", "Outbox rows published", ["kind"])

@@ -16,6 +16,11 @@ READ_OFFSETS = """
 SELECT partition, next_offset FROM consumer_offsets
 WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
 """
+# Only if nobody moved it meanwhile: $4 the offset read, $5 the new one.
+RESET_OFFSET = """
+UPDATE consumer_offsets SET next_offset = $5, updated_at = now()
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset = $4
+"""
 STORE_OFFSETS = """
 UPDATE consumer_offsets o SET next_offset = n.next_offset, updated_at = now()
 FROM unnest($3::int[], $4::bigint[]) AS n(partition, next_offset)

@@ -157,3 +157,16 @@ async def test_an_expiry_the_broker_did_not_take_is_sent_again(conn, database_ur
     ttl.producer.fail = False
     await ttl.publish_due(conn, EXPIRIES, now, ORIGIN, {})
     assert len(ttl.producer.sent) == 1
+
+
+async def test_stored_offsets_beyond_a_recreated_topics_end_start_again_at_its_beginning(settings, conn, caplog):
+    # The database remembers positions of an earlier incarnation of the commands topic (recreated, emptied).
+    await conn.execute("INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) "
+                       "SELECT $1, $2, p, 1000 FROM generate_series(0, $3 - 1) p",
+                       settings.consumer_group, settings.commands_topic, settings.commands_partitions)
+    before = sample("segmentation_offset_resets_total", reason="beyond_log_end")
+    async with Stack(settings) as stack:
+        result = await stack.request(CreateSegment(command_id=cid(), slug="AFTER_RECREATE"), timeout=60)
+    assert result["status"] == "applied"  # not skipped as "already applied"
+    assert sample("segmentation_offset_resets_total", reason="beyond_log_end") >= before + 1
+    assert any("beyond the end of the log" in r.getMessage() for r in caplog.records)
