@@ -34,7 +34,7 @@ from service.infra import db, errors
 from service.write import segment_handlers, segment_members, sql, user_handlers
 from service.write.change_set import ChangeSet
 from service.write.decoding import Decoded, InboundRecord, decode, printable
-from service.write.outbox import dead_letter_row, result_row, segment_event
+from service.write.outbox import dead_letter_row, result_payload, result_row, segment_event
 from service.write.user_handlers import RunContext
 
 log = logging.getLogger("segmentation.worker")
@@ -264,11 +264,12 @@ class _Part:
                store: bool = True) -> None:
         """Publish the command's result; store it under its id unless `store` is False (a dead letter)."""
         assert d.command_id is not None  # a decoded command always has its id
-        result = CommandResult(
-            command_id=d.command_id, type=d.type, status=status, error=error,
-            events=events, processed_at=self.change_set.now,
-        )
-        payload = self.change_set.record_result(result, d.body_hash if store else None)
+        if error is None and status == "applied":
+            payload = result_payload(d.command_id, d.type, events, self.change_set.now)
+        else:
+            payload = CommandResult(command_id=d.command_id, type=d.type, status=status, error=error, events=events,
+                                    processed_at=self.change_set.now).model_dump_json()
+        self.change_set.record_result(d.command_id, d.type, payload, d.body_hash if store else None)
         if store:
             self.seen[d.command_id] = (d.body_hash, payload)
         self.report.outcomes[(_label(d), status)] += 1

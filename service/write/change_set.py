@@ -7,7 +7,6 @@ from datetime import datetime
 import asyncpg
 
 from schemas.common import format_time
-from schemas.results import CommandResult
 from service.domain import Change, Membership, Scheduled, UserState
 from service.write import sql
 from service.write.outbox import OutboxRow, membership_event, result_row
@@ -80,13 +79,11 @@ class ChangeSet:
         if self.earliest_expiry is None or when < self.earliest_expiry:
             self.earliest_expiry = when
 
-    def record_result(self, result: CommandResult, body_hash: str | None) -> str:
-        """Store the result in the inbox (when `body_hash` is given) and publish it; returns its JSON."""
-        payload = result.model_dump_json()
+    def record_result(self, command_id: str, type_: str, payload: str, body_hash: str | None) -> None:
+        """Store a result's JSON in the inbox (when `body_hash` is given) and publish it."""
         if body_hash is not None:
-            self.processed.append((result.command_id, result.type, body_hash, payload, result.processed_at))
-        self.outbox.append(result_row(result.command_id, payload))
-        return payload
+            self.processed.append((command_id, type_, body_hash, payload, self.now))
+        self.outbox.append(result_row(command_id, payload))
 
     def record_outbox(self, row: OutboxRow) -> None:
         self.outbox.append(row)

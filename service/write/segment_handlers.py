@@ -4,7 +4,6 @@ Each returns the number of MembershipChanged events it wrote and its SegmentChan
 """
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
@@ -20,6 +19,7 @@ from service.domain import CommandRejectedError, Segment, layer_placement
 from service.infra import db
 from service.write import sql
 from service.write.change_set import ChangeSet
+from service.write.outbox import new_id
 
 
 def segment_of(row: asyncpg.Record) -> Segment:
@@ -33,7 +33,7 @@ def _segment_changed(change: str, seg: Segment, description, now: datetime, comm
         end = None if seg.bucket_start is None else seg.bucket_start + threshold(seg.auto_percent)
         in_layer = {"layer": seg.layer, "bucket_start": seg.bucket_start, "bucket_end": end}
     return SegmentChanged(
-        event_id=str(uuid.uuid4()), change=change, slug=seg.slug, description=description,
+        event_id=new_id(), change=change, slug=seg.slug, description=description,
         auto_percent=seg.auto_percent, occurred_at=now, command_id=command_id, **in_layer,
     )
 

@@ -3,8 +3,9 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from schemas.events import MembershipChanged
+from schemas.results import CommandResult
 from service.domain import Change, Segment
-from service.write.outbox import membership_event
+from service.write.outbox import membership_event, result_payload
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -20,3 +21,11 @@ def test_membership_event_matches_the_model():
             assert row.event_id == model.event_id and row.key == str(change.user_id).encode()
             assert json.loads(row.payload)["expires_at"] == (
                 None if change.expires_at is None else change.expires_at.isoformat().replace("+00:00", "Z"))
+
+
+def test_applied_result_matches_the_model():
+    for when in (NOW, NOW.replace(microsecond=0)):
+        payload = result_payload("c-é", "UpdateUserSegments", 2, when)
+        model = CommandResult(command_id="c-é", type="UpdateUserSegments", status="applied", error=None, events=2,
+                              processed_at=when)
+        assert payload == model.model_dump_json()
