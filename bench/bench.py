@@ -1,10 +1,10 @@
 """`make bench`: every measure of the performance table in one run, the project beside the naive baselines of
 ../shared/bench (same machine, same run), printed as one table with the ratios.
 
-  1. the project's dev stack (`segmentation dev --workers W --relays R`): e2e throughput, read API under wrk, TTL
-     lag, rollout fan-out, GET /segments with two segments of empty and of 10 % of the registered users;
-  2. naive_e2e.py with the same number of commands, alone on the machine;
-  3. naive_api.py under the same wrk command.
+  1. the project's dev stack (`segmentation dev --workers W --relays R`): e2e throughput, then naive_e2e.py with
+     the same number of commands; the read API under wrk, then naive_api.py under the same wrk command (each
+     baseline right after its counterpart, the stack idle meanwhile: both see the same load of a shared machine);
+  2. TTL lag, rollout fan-out, GET /segments with two segments empty and then of 10 % of the registered users.
 
     make bench
     .venv/bin/python bench/bench.py --workers 2 --relays 2
@@ -72,9 +72,12 @@ async def segment_list_ms(settings, requests: int = 200) -> float:
     return percentile(took, 50) * 1000
 
 
-async def project(settings, args) -> dict:
+async def project(settings, args, naive: dict) -> dict:
+    """The project's measures; each baseline runs right after its counterpart (the stack idle meanwhile), so
+    that both see the same load of a shared machine."""
     got: dict = {}
     got["e2e"] = await throughput.run(settings, args.commands, 0, 0)
+    naive["e2e"] = await asyncio.to_thread(naive_e2e, args.commands)
     run_id = uuid.uuid4().hex[:6]
     slugs = [f"READ{i}_{run_id}" for i in range(3)]
     await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
@@ -82,8 +85,9 @@ async def project(settings, args) -> dict:
     await run_commands(settings, [(str(READ_USER).encode(), {"type": "UpdateUserSegments", "command_id": f"{run_id}-u",
                                                              "user_id": READ_USER, "add": slugs})])
     url = f"http://127.0.0.1:{settings.http_port}/api/v1/users/{READ_USER}/segments"
-    got["read"] = wrk(url)
+    got["read"] = await asyncio.to_thread(wrk, url)
     print(f"read API, a user's 3 segments, {' '.join(WRK)}: {got['read'][0]:,.0f} requests/s, p99 {got['read'][1]:.1f} ms")
+    naive["read"] = await asyncio.to_thread(naive_read)
     got["ttl"] = await ttl_lag.run(settings, args.ttl_users, 10.0, 60.0)
     listed = [f"LIST{i}_{run_id}" for i in range(2)]
     await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
@@ -152,9 +156,9 @@ def main() -> None:
     if not (NAIVE / "naive_e2e.py").exists():
         raise SystemExit(f"no naive baselines in {NAIVE} (set NAIVE_BENCH_DIR)")
     started = time.perf_counter()
+    naive: dict = {}
     with dev_stack(args.workers, relays=args.relays) as settings:
-        p = asyncio.run(project(settings, args))
-    naive = {"e2e": naive_e2e(args.commands), "read": naive_read()}
+        p = asyncio.run(project(settings, args, naive))
     print(f"\n--workers {args.workers} --relays {args.relays}, {args.commands:,} commands; "
           f"{os.cpu_count()} cores; {time.perf_counter() - started:.0f} s\n")
     print(table(p, naive, args))

@@ -26,10 +26,11 @@ SELECT * FROM (
 ) AS segments
 ORDER BY slug COLLATE "C"  -- byte order, whatever the database's collation
 """
+# member_count: kept by a trigger of migration 003 (a few counter rows per segment, whatever its size); a
+# membership past its expiry counts until its ExpireMembership is applied (about a second, the TTL lag).
 _SEGMENT_COLUMNS = """
 SELECT s.slug, s.description, s.auto_percent, s.created_at, s.deleted_at, s.layer, s.bucket_start, s.bucket_end,
-    (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id
-       AND (m.expires_at IS NULL OR m.expires_at > now())) AS member_count
+    (SELECT coalesce(sum(c.members), 0) FROM segment_member_counts c WHERE c.segment_id = s.id)::bigint AS member_count
 FROM segments s
 """
 # Byte order, whatever the database's collation (slugs are case-sensitive ASCII).
@@ -49,8 +50,8 @@ ORDER BY occurred_at, id
 HISTORY_HEADER = b"user_id;segment;operation;timestamp;reason\n"
 
 
-async def user_segments(conn: asyncpg.Connection, user_id: int) -> list[dict]:
-    return [dict(r) for r in await conn.fetch(USER_SEGMENTS, user_id)]
+async def user_segments(conn: asyncpg.Connection, user_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(USER_SEGMENTS, user_id)
 
 
 async def segments(conn: asyncpg.Connection, include_deleted: bool) -> list[dict]:

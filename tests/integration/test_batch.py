@@ -326,3 +326,26 @@ async def test_a_quarantined_record_gets_a_rejected_result_that_is_not_stored(co
     await f.apply(update_user("poison", 2, add=["A"]))
     assert (await f.result("poison"))["status"] == "applied" and await f.members("A") == {2}
 
+
+async def test_member_counts_follow_every_kind_of_change(conn):
+    f = Feeder(conn)
+
+    async def counted() -> None:  # the counters (migration 003's trigger) equal a count(*) of the memberships
+        rows = await conn.fetch("""
+            SELECT s.id, (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id) AS actual,
+                   (SELECT coalesce(sum(members), 0) FROM segment_member_counts c WHERE c.segment_id = s.id) AS kept
+            FROM segments s""")
+        assert rows and all(r["actual"] == r["kept"] for r in rows), [dict(r) for r in rows]
+
+    await f.apply(create("A"), create("R", percent=50),
+                  {"type": "RegisterUsers", "command_id": "reg", "user_ids": list(range(1, 201))})
+    await counted()
+    await f.apply(update_user("u1", 1, add=["A", "R"]), update_user("u2", 2, add=["A"]),
+                  update_user("u3", 3, remove=["R"]), update_user("u1b", 1, remove=["A"]))
+    await counted()
+    await f.apply({"type": "UpdateSegment", "command_id": "down", "slug": "R", "auto_percent": 20})
+    await f.apply({"type": "UpdateSegment", "command_id": "up", "slug": "R", "auto_percent": 70})
+    await counted()
+    await f.apply({"type": "DeleteSegment", "command_id": "del", "slug": "R"})
+    await counted()
+    assert await conn.fetchval("SELECT count(*) FROM memberships") > 0  # A still has members

@@ -1,10 +1,12 @@
-"""The hand-written MembershipChanged JSON is exactly what the model would write."""
+"""The hand-written JSON of the hot paths (events, results, a user's segments) is exactly what the models write."""
 import json
 from datetime import UTC, datetime, timedelta
 
 from schemas.events import MembershipChanged
+from schemas.http import UserSegment, UserSegments
 from schemas.results import CommandResult
 from service.domain import Change, Segment
+from service.read.api import user_segments_body
 from service.write.outbox import membership_event, result_payload
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
@@ -29,3 +31,12 @@ def test_applied_result_matches_the_model():
         model = CommandResult(command_id="c-é", type="UpdateUserSegments", status="applied", error=None, events=2,
                               processed_at=when)
         assert payload == model.model_dump_json()
+
+
+def test_user_segments_answer_matches_the_model():
+    rows = [{"slug": "A", "added_at": NOW, "expires_at": None, "source": "manual"},
+            {"slug": "B_é", "added_at": NOW.replace(microsecond=0), "expires_at": NOW + timedelta(days=1),
+             "source": "auto_percent"}]
+    for segments in (rows, []):
+        model = UserSegments(user_id=2**63 - 1, segments=[UserSegment(**r) for r in segments])
+        assert user_segments_body(2**63 - 1, segments).decode() == model.model_dump_json()
