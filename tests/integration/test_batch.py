@@ -148,6 +148,13 @@ async def test_sql_bucket_matches_the_documented_formula(conn):
 
     for salt, user in [("A:1", 1), ("AVITO_DISCOUNT_30:17", 1000), ("x", 2**63 - 1)]:
         assert await conn.fetchval("SELECT segment_bucket($1, $2)", salt, user) == bucket(salt, user)
+    for salt in ("a.b-c_D9:12", "Z:1"):  # every slug character
+        rows = await conn.fetch("SELECT g, segment_bucket($1, g) AS b FROM generate_series(1, 3000) g", salt)
+        assert all(r["b"] == bucket(salt, r["g"]) for r in rows)
+    # Inlined into the query (its body is immutable): no function call per row.
+    plan = "\n".join(r[0] for r in await conn.fetch(
+        "EXPLAIN (VERBOSE) SELECT segment_bucket('A:1', g) FROM generate_series(1, 3) g"))
+    assert "sha256" in plan and "segment_bucket" not in plan
 
 
 @pytest.mark.parametrize("raw, code", [
