@@ -246,6 +246,7 @@ MEMBERS_REMOVE = _fan_out(
     """,
     "removed", "'command'", expires_text=_RFC3339.format("expires_at"),
 )
+BULK_WORK_MEM = "SET LOCAL work_mem = '64MB'"
 # $1 segment id, $2 users, $3 now
 MEMBERS_INCLUDE = """
 DELETE FROM exclusions x USING unnest($2::bigint[]) AS d(user_id) WHERE x.segment_id = $1 AND x.user_id = d.user_id
