@@ -45,7 +45,7 @@ async def run(settings, users: int, known: bool, timeout: float) -> float:
     await producer.stop()
     added: set[int] = set()
     result = None
-    last_event = started
+    last_event = result_at = started
     deadline = started + timeout
     while (len(added) < users or result is None) and time.perf_counter() < deadline:
         for recs in (await events.getmany(timeout_ms=50, max_records=20_000)).values():
@@ -57,12 +57,13 @@ async def run(settings, users: int, known: bool, timeout: float) -> float:
         for recs in (await results.getmany(timeout_ms=0)).values():
             for r in recs:
                 if json.loads(r.value)["command_id"] == command["command_id"]:
-                    result = json.loads(r.value)
+                    result, result_at = json.loads(r.value), time.perf_counter()
     await events.stop()
     await results.stop()
     print(f"UpdateSegmentMembers of {users} {'known' if known else 'new'} users ({len(body)} bytes): "
           f"result {result and result['status']} with {result and result['events']} events; "
-          f"{len(added)}/{users} added events, publish -> last event {last_event - started:.2f} s")
+          f"{len(added)}/{users} added events, publish -> last event {last_event - started:.2f} s "
+          f"(-> result {result_at - started:.2f} s)")
     return last_event - started
 
 
