@@ -111,10 +111,11 @@ async def test_the_cli_sends_a_bulk_command_from_a_file(stack, tmp_path):
     ids.write_text("".join(f"{u}\n" for u in range(20_001, 25_001)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "send", "update-segment-members", slug, "--add-file", str(ids),
-        "--add", "1", "2", "--remove", "3", "--ttl", "3600", env=settings_env(stack.settings), cwd=ROOT,
+        "--add", "1", "2", "--remove", "3", "--ttl", "3600", "--timeout", "120", env=settings_env(stack.settings),
+        cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, (out.decode(), err.decode()[-2000:])
     assert '"status": "applied"' in out.decode()  # (its events: 5 002, plus the new users' rollout joins)
     rows = await stack.query("SELECT count(*) FROM memberships m JOIN segments s ON s.id = m.segment_id "
                              "WHERE s.slug = $1 AND m.expires_at IS NOT NULL", slug)
