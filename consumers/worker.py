@@ -93,7 +93,8 @@ class CommandWorker:
                     async with self.pool.acquire() as conn:
                         await conn.execute(sql.RESET_OFFSET, group, topic, tp.partition, stored[tp.partition], position)
             self.consumer.seek(tp, position)
-        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in tps], "stored_offsets": stored})
+        log.info("partitions positioned at their stored offsets",
+                 extra={"partitions": [tp.partition for tp in tps], "stored_offsets": stored})
 
     async def run(self) -> None:
         """Poll and apply until `stop()`; then leave the group."""
