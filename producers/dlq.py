@@ -1,13 +1,13 @@
 """Dead letters read back and replayed (`segmentation dlq list|replay`).
 
-A replay publishes each letter's original key and bytes to its `source.topic` with a `replayed-from` header, and
-reads the dead-letter topic only up to its end as it was when the replay started: letters that the replayed
-messages produce again (still broken) are not read, so a replay never loops on what it adds.
+A replay publishes each letter's original key and bytes to its `source.topic` with a `replayed-from` header. It
+first reads every partition of the dead-letter topic to its end and only then publishes: letters that the replayed
+messages produce again (still broken) do not exist yet while it reads, so a replay never loops on what it adds,
+whatever the clocks of the hosts.
 """
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -53,9 +53,8 @@ class Letter:
 
 
 async def letters(settings: Settings, code: str | None = None, limit: int = 0) -> AsyncIterator[Letter]:
-    """The dead letters present now (up to each partition's end at the start), oldest first per partition,
+    """The dead letters present now (each partition read until nothing more comes), oldest first per partition,
     those with error code `code` only if given, at most `limit` (0: all)."""
-    started_ms = int(time.time() * 1000)
     consumer = kafka.consumer(settings, group=None)
     await consumer.start()
     try:
@@ -66,7 +65,7 @@ async def letters(settings: Settings, code: str | None = None, limit: int = 0) -
         for tp in tps:  # partition by partition: a key's letters stay in their order
             consumer.pause(*tps)
             consumer.resume(tp)
-            async for msg in _until_end(consumer, tp, ends[tp], started_ms):
+            async for msg in _until_end(consumer, tp, ends[tp]):
                 letter = Letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
                                 {k: v.decode(errors="replace") for k, v in msg.headers})
                 if code is not None and letter.code != code:
@@ -79,17 +78,14 @@ async def letters(settings: Settings, code: str | None = None, limit: int = 0) -
         await consumer.stop()
 
 
-async def _until_end(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int, started_ms: int
-                     ) -> AsyncIterator[ConsumerRecord]:
-    """The records of `tp` before `end`. Past `end`, records older than the start still count: Tansu reports
-    the base offset of the last batch plus one as the end, not its last offset plus one."""
+async def _until_end(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> AsyncIterator[ConsumerRecord]:
+    """The records of `tp` until none comes for 1 s past `end`: Tansu reports the base offset of the last batch
+    plus one as the end, not its last offset plus one, so the end taken at the start is only a lower bound."""
     while True:
         batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
         if not batch and await consumer.position(tp) >= end:
             return
         for msg in batch:
-            if msg.offset >= end and msg.timestamp >= started_ms:
-                return
             yield msg
 
 
@@ -111,7 +107,8 @@ async def replay(settings: Settings, code: str | None = None, limit: int = 0, dr
         await producer.start()
     try:
         pending: list[asyncio.Future] = []
-        async for letter in letters(settings, code, limit):
+        found = [letter async for letter in letters(settings, code, limit)]  # all read before the first send
+        for letter in found:
             source = letter.headers.get("source.topic")
             if letter.truncated:
                 report.truncated += 1

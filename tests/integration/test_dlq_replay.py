@@ -2,6 +2,9 @@
 import asyncio
 import json
 import sys
+import time
+
+import pytest
 
 from producers import dlq
 from schemas import CreateSegment, UpdateUserSegments
@@ -72,6 +75,21 @@ async def test_a_replay_of_1000_letters_applies_the_500_now_valid_and_does_not_l
         value = r.value.decode()
         expected_key = value.split()[-1] if value.startswith("not json") else str(json.loads(value)["user_id"])
         assert r.key.decode() == expected_key
+
+@pytest.mark.parametrize("skew", [8, -8], ids=["cli-clock-ahead", "cli-clock-behind"])
+async def test_a_replay_sends_each_letter_once_whatever_the_clock_of_the_cli(settings, monkeypatch, skew):
+    async with Stack(settings) as stack:
+        for i in range(3):  # one batch: Tansu's end offset is its base offset plus one
+            await stack.client.producer.send(settings.commands_topic, b"still broken %d" % i, key=b"1")
+        await stack.client.producer.flush()
+        await wait_until(lambda: _count(dead_letters(stack), 3), 60, message="the dead letters")
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + skew)  # the operator's laptop is off by 8 s
+        report = await asyncio.wait_for(dlq.replay(settings), 60)
+        await wait_until(lambda: _count(dead_letters(stack), 6), 60, message="the replayed letters dead again")
+        await asyncio.sleep(3)
+        assert (report.sent, len(await dead_letters(stack))) == (3, 6)
+
 
 async def _count(messages, n: int) -> bool:
     return len(await messages) >= n
