@@ -153,13 +153,18 @@ def _send(command_json: dict, wait: bool, timeout: float) -> None:
             await client.listen()
             return await client.request(command, timeout)
 
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
     try:
         result = asyncio.run(go())
     except TimeoutError:
         typer.echo(f"no result for {command.command_id} within {timeout} s (is the worker running?)", err=True)
         raise typer.Exit(3) from None
+    except MessageSizeTooLargeError:
+        size = len(command.model_dump_json(exclude_none=True).encode())
+        typer.echo(f"the command is too large for Kafka: {size} bytes, over the broker's topic limit or "
+                   f"KAFKA_MAX_REQUEST_SIZE={settings.kafka_max_request_size} (split it)", err=True)
+        raise typer.Exit(2) from None
     except KafkaError as exc:
         typer.echo(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc}", err=True)
         raise typer.Exit(3) from None

@@ -37,6 +37,7 @@ def producer_options(settings: Settings) -> dict:
         "linger_ms": settings.kafka_linger_ms,
         "compression_type": settings.kafka_compression_type,
         "max_batch_size": 1024 * 1024,
+        "max_request_size": settings.kafka_max_request_size,
     }
 
 
@@ -91,6 +92,13 @@ def topic_plan(settings: Settings) -> dict[str, int]:
     }
 
 
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Topic settings given at creation: the commands topic and the DLQ (which holds their original bytes)
+    accept a message as large as the producers may send (a bulk UpdateSegmentMembers of 100 000 ids)."""
+    limit = {"max.message.bytes": str(settings.kafka_max_request_size)}
+    return {settings.commands_topic: limit, settings.dlq_topic: limit}
+
+
 TOPIC_ALREADY_EXISTS = 36
 
 
@@ -101,7 +109,8 @@ async def create_topics(settings: Settings) -> list[str]:
     try:
         existing = set(await admin.list_topics())
         plan = topic_plan(settings)
-        wanted = [NewTopic(name, partitions, settings.replication_factor)
+        configs = topic_configs(settings)
+        wanted = [NewTopic(name, partitions, settings.replication_factor, topic_configs=configs.get(name, {}))
                   for name, partitions in plan.items() if name not in existing]
         created = []
         if wanted:

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     kafka_acks: str = "all"
     kafka_linger_ms: int = 5
     kafka_compression_type: str | None = None
+    kafka_max_request_size: int = 4 * 1024 * 1024  # uncompressed; the commands and DLQ topics get it as max.message.bytes
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None

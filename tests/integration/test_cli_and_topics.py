@@ -35,3 +35,29 @@ async def test_watch_prints_a_dead_lettered_tombstone(settings):
         env=settings_env(settings), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0 and b'"value": null' in out
+
+
+async def _send_members(settings, ids_file, **env) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "send", "update-segment-members", "S", "--add-file", str(ids_file),
+        "--no-wait", env=settings_env(settings) | env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, err.decode()
+
+
+async def test_the_cli_sends_a_contract_sized_bulk_and_names_the_size_of_one_too_large(settings, tmp_path):
+    """100 000 ten-digit ids are about 1.1 MB: over aiokafka's default 1 MiB request, which applies to the
+    uncompressed size."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(str(1_000_000_000 + i) for i in range(100_000)))
+    code, err = await _send_members(settings, ids)
+    assert code == 0, err
+    code, err = await _send_members(settings, ids, KAFKA_MAX_REQUEST_SIZE="1000000")
+    assert code == 2 and "too large" in err and "KAFKA_MAX_REQUEST_SIZE" in err and "cannot reach" not in err, err
+
+
+async def test_the_commands_and_dlq_topics_accept_the_producers_largest_request(settings):
+    configs = kafka.topic_configs(settings)
+    for topic in (settings.commands_topic, settings.dlq_topic):
+        assert configs[topic] == {"max.message.bytes": str(settings.kafka_max_request_size)}
