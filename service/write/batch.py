@@ -78,6 +78,7 @@ class Step(enum.Enum):
 
     RETRY_BATCH = "retry the batch"
     ONE_BY_ONE = "redo the part record by record"
+    REDO = "redo the record: its command id was stored meanwhile, it is answered as seen"
     REJECT = "reject the command"
     QUARANTINE = "send the record to the dead-letter topic"
 
@@ -88,15 +89,22 @@ def next_step(exc: Exception, items: list[Decoded], first_attempt: bool) -> Step
     - Retryable (connection lost, deadlock, ...): nothing was decided about the commands. The batch is given up
       and retried by the worker; parts already committed are skipped then by their stored offsets.
     - A part of several records: one of them is at fault, the others are not: each is applied alone.
-    - One command the database refused, or whose values a rule cannot handle: rejected (stored and published).
-    - Anything else (a bug this record's content triggers, a record that could not even be rejected): the
-      record goes to the dead-letter topic (UNPROCESSABLE) and the partition goes on.
+    - One command whose id another partition stored meanwhile: done again, it is answered as a duplicate.
+    - One command whose data the database refused (`errors.is_content_error`, an allow-list): rejected (stored
+      and published). Rules say what they decide by raising `CommandRejectedError`, handled before this.
+    - Anything else (a bug this record's content triggers, an internal error of the server, a ValueError of
+      the code, a record that could not even be rejected): the record goes to the dead-letter topic
+      (UNPROCESSABLE, a rejected result published but not stored) and the partition goes on.
     """
     if errors.is_retryable(exc):
         return Step.RETRY_BATCH
     if len(items) > 1:
         return Step.ONE_BY_ONE
-    if first_attempt and items[0].command is not None and errors.is_content_error(exc):
+    if not first_attempt or items[0].command is None:
+        return Step.QUARANTINE
+    if errors.is_stored_meanwhile(exc):
+        return Step.REDO
+    if errors.is_content_error(exc):
         return Step.REJECT
     return Step.QUARANTINE
 
@@ -137,6 +145,8 @@ class BatchProcessor:
         if step is Step.ONE_BY_ONE:
             for d in items:
                 await self._part(conn, [d], report)
+        elif step is Step.REDO:  # if it fails again, the record is quarantined
+            await self._part(conn, items, report, _Part.apply)
         elif step is Step.REJECT:  # if rejecting fails too, the record is quarantined
             await self._part(conn, items, report, lambda part, fresh: part.refuse(fresh[0], failure))
         else:  # the last resort: if even this fails, the worker retries the batch
@@ -279,11 +289,7 @@ class _Part:
                                                 "error_code": error.code.value, "error": error.message})
 
     async def refuse(self, d: Decoded, exc: Exception) -> None:
-        """The database refused the command, or a rule could not handle its values: reject it alone. If its id
-        was stored meanwhile (the same id applied at once on another partition), it is a duplicate instead."""
-        if d.command_id in self.seen:
-            self.answer_duplicate(d)
-            return
+        """The database refused the command's data: reject it alone."""
         log.error("command could not be applied",
                   extra={"position": d.record.position, "command_id": d.command_id, "error": str(exc)})
         self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND,

@@ -312,24 +312,27 @@ async def test_a_stored_result_is_published_again_byte_for_byte(conn):
     assert stored.encode() == published[0]  # GET /commands/{id} answers the same bytes
 
 
-async def test_a_quarantined_record_gets_a_rejected_result_that_is_not_stored(conn, monkeypatch):
-    from service.write import user_handlers
+@pytest.mark.parametrize("bug", [KeyError, ValueError, ArithmeticError])
+async def test_a_quarantined_record_gets_a_rejected_result_that_is_not_stored(conn, monkeypatch, bug):
+    """A rule decides by raising CommandRejectedError; anything else a handler raises is a bug, not a decision."""
+    from schemas.commands import UpdateUserSegments
+    from service.write import batch as batch_module
 
     f = Feeder(conn)
     await f.apply(create("A"))
-    original = user_handlers.slugs_of
+    original = batch_module.USER_HANDLERS[UpdateUserSegments]
 
-    def broken(cmd):
-        if getattr(cmd, "command_id", "") == "poison":
-            raise KeyError("boom")
-        return original(cmd)
+    def broken(cmd, ctx):
+        if cmd.command_id == "poison":
+            raise bug("boom")
+        return original(cmd, ctx)
 
-    monkeypatch.setattr(user_handlers, "slugs_of", broken)
+    monkeypatch.setitem(batch_module.USER_HANDLERS, UpdateUserSegments, broken)
     await f.apply(update_user("poison", 2, add=["A"]))
     result = await f.result("poison")
     assert result["status"] == "rejected" and result["error"]["details"] == {"dead_letter": "UNPROCESSABLE"}
     assert await conn.fetchval("SELECT count(*) FROM processed_commands WHERE command_id = 'poison'") == 0
-    monkeypatch.setattr(user_handlers, "slugs_of", original)  # fixed: the same bytes replayed from the DLQ apply
+    monkeypatch.setitem(batch_module.USER_HANDLERS, UpdateUserSegments, original)  # fixed: the replay applies
     await f.apply(update_user("poison", 2, add=["A"]))
     assert (await f.result("poison"))["status"] == "applied" and await f.members("A") == {2}
 
