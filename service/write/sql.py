@@ -136,7 +136,9 @@ FAN_OUT_KNOWN_USERS = "SELECT user_id FROM users ORDER BY user_id"
 FAN_OUT_SEGMENT_MEMBERS = "SELECT user_id FROM memberships WHERE segment_id = $1 ORDER BY user_id"
 # One statement per slice: the membership change, its history rows and its outbox rows.
 # $1 segment id, $2 slug, $3 now (timestamptz), $4 now as RFC 3339 text, $5 command id.
-_RFC3339 = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+# schemas.common.format_time's text: a fraction of six digits only when it is not zero.
+_RFC3339 = ("(to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') "
+            "|| CASE WHEN date_trunc('second', {0}) = {0} THEN '' ELSE to_char({0}, '.US') END || 'Z')")
 _EXPIRED = "(expires_at IS NOT NULL AND expires_at <= $3)"
 
 

@@ -3,6 +3,7 @@ import asyncio
 from datetime import timedelta
 
 import asyncpg
+import pytest
 
 from tests.support.batch import Feeder, create, update_user
 from tests.support.helpers import new_database, wait_until
@@ -26,6 +27,15 @@ async def life_so_far(f: Feeder) -> None:
     later = (f.now + timedelta(hours=2)).isoformat()
     await f.apply(*[update_user(f"sch-{u}", u, add=[{"slug": "S", "starts_at": later}]) for u in range(6, 240, 13)])
     f.now += timedelta(seconds=60)  # the 10 s memberships are expired, their ExpireMembership not applied yet
+
+
+async def two_lives(conn, pg_admin_url) -> tuple[Feeder, Feeder]:
+    """The same life so far on `conn` and on a new database (whose connection the caller closes)."""
+    one, many = Feeder(conn), Feeder(await asyncpg.connect(await new_database(pg_admin_url)))
+    many.now = one.now
+    await life_so_far(one)
+    await life_so_far(many)
+    return one, many
 
 
 async def state(conn) -> dict:
@@ -53,23 +63,39 @@ async def events_by_user(f: Feeder, ids) -> dict[int, list[tuple]]:
 
 
 async def test_a_bulk_command_does_for_each_user_what_its_own_command_would(conn, pg_admin_url):
-    other = await asyncpg.connect(await new_database(pg_admin_url))
+    one, many = await two_lives(conn, pg_admin_url)
     try:
-        one, many = Feeder(conn), Feeder(other)
-        many.now = one.now
-        await life_so_far(one)
-        await life_so_far(many)
         await one.apply(bulk("bulk", add=ADD, remove=REMOVE, ttl_seconds=3600))
         singles = [update_user(f"one-{u}", u, add=[{"slug": "S"}], ttl_seconds=3600) for u in ADD]
         singles += [update_user(f"one-{u}", u, remove=["S"]) for u in REMOVE]
         await many.apply(*singles)
         assert (await one.result("bulk"))["status"] == "applied"
-        assert await state(conn) == await state(other)
+        assert await state(conn) == await state(many.conn)
         bulk_events = await events_by_user(one, {"bulk"})
         assert bulk_events == await events_by_user(many, {f"one-{u}" for u in ADD + REMOVE})
         assert (await one.result("bulk"))["events"] == sum(map(len, bulk_events.values())) > 0
     finally:
-        await other.close()
+        await many.conn.close()
+
+
+@pytest.mark.parametrize("microsecond", [0, 120000], ids=["whole-second", "fraction"])
+async def test_the_bulk_and_the_users_own_commands_write_expires_at_with_the_same_bytes(conn, pg_admin_url,
+                                                                                      microsecond):
+    one, many = await two_lives(conn, pg_admin_url)
+    try:
+        expires = (one.now + timedelta(hours=5)).replace(microsecond=microsecond).isoformat()
+        await one.apply(bulk("bulk", add=ADD, remove=REMOVE, expires_at=expires))
+        await many.apply(*[update_user(f"one-{u}", u, add=[{"slug": "S", "expires_at": expires}]) for u in ADD],
+                         *[update_user(f"one-{u}", u, remove=["S"]) for u in REMOVE])
+
+        async def texts(f: Feeder, ids) -> list[tuple]:
+            return sorted((e["user_id"], e["change"], e["reason"], e["expires_at"], e["occurred_at"])
+                          for e in await f.outbox("membership") if e["command_id"] in ids)
+        from_bulk = await texts(one, {"bulk"})
+        assert from_bulk == await texts(many, {f"one-{u}" for u in ADD + REMOVE})
+        assert any(e[3] is not None and e[3].endswith("Z") for e in from_bulk)
+    finally:
+        await many.conn.close()
 
 
 async def test_a_scheduled_bulk_add_replaces_schedules_and_leaves_todays_memberships(conn):
