@@ -1,13 +1,13 @@
 """Events published by the outbox relay."""
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from schemas.common import CommandId, Message, Percent, Slug, UserId, UtcTime
 
 MembershipChange = Literal["added", "removed"]
 Reason = Literal["command", "auto_percent", "expired", "segment_deleted", "scheduled"]
-# Written only for a segment in a layer (left out of the JSON otherwise).
+# Written only for a segment in a layer (left out of the JSON otherwise; in a layer a missing range is null).
 _IN_LAYER = Field(default=None, exclude_if=lambda v: v is None)
 Bucket = Annotated[int, Field(ge=0, le=10_000)]
 
@@ -44,3 +44,11 @@ class SegmentChanged(Message):
     layer: Slug | None = _IN_LAYER
     bucket_start: Bucket | None = _IN_LAYER
     bucket_end: Bucket | None = _IN_LAYER
+
+    @model_serializer(mode="wrap")
+    def _null_range_in_a_layer(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]  # noqa: ANN202 (an annotation would replace the schema)
+        data = handler(self)
+        if self.layer is not None:
+            data.setdefault("bucket_start", None)
+            data.setdefault("bucket_end", None)
+        return data

@@ -40,3 +40,16 @@ def test_user_segments_answer_matches_the_model():
     for segments in (rows, []):
         model = UserSegments(user_id=2**63 - 1, segments=[UserSegment(**r) for r in segments])
         assert user_segments_body(2**63 - 1, segments).decode() == model.model_dump_json()
+
+
+def test_a_segment_changed_has_the_layer_fields_only_in_a_layer_and_null_buckets_before_a_percent():
+    from decimal import Decimal
+
+    from schemas.events import SegmentChanged
+
+    common = {"event_id": "e-1", "change": "created", "slug": "A", "description": None, "occurred_at": NOW,
+              "command_id": "c-1"}
+    outside = json.loads(SegmentChanged(auto_percent=Decimal(5), **common).model_dump_json())
+    assert not {"layer", "bucket_start", "bucket_end"} & outside.keys()
+    at_zero = json.loads(SegmentChanged(auto_percent=Decimal(0), layer="L", **common).model_dump_json())
+    assert (at_zero["layer"], at_zero["bucket_start"], at_zero["bucket_end"]) == ("L", None, None)
