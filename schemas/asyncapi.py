@@ -26,6 +26,12 @@ EVENT_ID_HEADERS = {
     "properties": {"event_id": _STRING | {"description": "stable id of this message, for deduplication"}},
     "required": ["event_id"],
 }
+COMMAND_HEADERS = {
+    "type": "object",
+    "properties": {"replayed-from": {"type": "string", "pattern": "^.+/[0-9]+@[0-9]+$",
+                                     "description": "set by `segmentation dlq replay`: the dead letter it was "
+                                                    "published from, `<dlq topic>/<partition>@<offset>`"}},
+}
 DLQ_HEADERS = {
     "type": "object",
     "properties": {
@@ -86,7 +92,7 @@ def document(settings: Any) -> dict[str, Any]:
     payload = {model: refs[(model, mode)] for model, mode in wanted}
     by_command_id = {"location": "$message.payload#/command_id", "description": "the command's `command_id`"}
 
-    messages = {m.__name__: _message(m, payload[m], _command_key(m)) | {"correlationId": by_command_id}
+    messages = {m.__name__: _message(m, payload[m], _command_key(m), COMMAND_HEADERS) | {"correlationId": by_command_id}
                 for m in COMMAND_MODELS}
     messages["CommandResult"] = _message(CommandResult, payload[CommandResult], COMMAND_ID_KEY, EVENT_ID_HEADERS) | {
         "summary": "The result of one command", "correlationId": by_command_id}

@@ -180,3 +180,11 @@ def test_openapi_document_is_valid_openapi():
     doc = _load(DOCS / "openapi.json")
     assert doc == json.loads(json.dumps(openapi.document()))
     validate_openapi(doc)
+
+
+def test_asyncapi_commands_may_carry_the_replayed_from_header_of_a_dlq_replay(asyncapi):
+    from producers.dlq import REPLAYED_FROM
+
+    for name in asyncapi["channels"]["commands"]["messages"]:
+        headers = asyncapi["components"]["messages"][name]["headers"]
+        assert REPLAYED_FROM in headers["properties"] and REPLAYED_FROM not in headers.get("required", [])
