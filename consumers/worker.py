@@ -67,6 +67,7 @@ class CommandWorker:
         self.pool = pool
         self.consumer = consumer or kafka.consumer(settings, group=settings.consumer_group)
         self.processor = BatchProcessor(settings.consumer_group, fan_out_slice=settings.fan_out_slice)
+        self.retries_alone = settings.batch_retries_alone
         self.batch_lock = asyncio.Lock()
         self.revoking = False
         self.stopping = asyncio.Event()
@@ -147,14 +148,19 @@ class CommandWorker:
 
     async def apply_with_retry(self, records: list[InboundRecord], report: BatchReport) -> bool:
         """Apply until it commits (True). Never skips: what failed is rolled back and the batch retried (its
-        committed parts are skipped by offset). False: given up uncommitted because the partitions move."""
+        committed parts are skipped by offset). False: given up uncommitted because the partitions move.
+        After `batch_retries_alone` failures that are not a connection loss, the batch is redone record by
+        record: the one record that keeps failing is quarantined (see `next_step`) and the partition goes on."""
         delay = 0.1
+        stuck = 0  # failures that may be a record's doing
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    await self.processor.process(conn, records, report)
+                    await self.processor.process(conn, records, report, alone=stuck >= self.retries_alone)
                     return True
             except errors.DATABASE_FAILURE as exc:
+                if not errors.is_connection_loss(exc):
+                    stuck += 1
                 metrics.BATCH_RETRIES.inc()
                 log.warning("batch failed, retrying", extra={
                     "from": records[0].position, "to": records[-1].position, "error": repr(exc), "retry_in": delay})

@@ -10,6 +10,9 @@
   whole; no command is judged on it.
 - `is_stored_meanwhile`: a unique violation on the inbox key: the same command id was stored at once by
   another partition. The command is not wrong: done again, it is answered as seen (a duplicate or conflict).
+- `is_connection_loss`: the retryable errors that say nothing about the work (the server cannot be reached
+  or is refusing all work). Any other retryable error (a timeout, a lock wait, a deadlock, ...) may be one
+  record's doing: the worker retries a batch that keeps meeting one a few times, then record by record.
 - `DATABASE_FAILURE`: anything a call to PostgreSQL can raise; the loops of the processes (the worker's
   batch retry, a leader's lock loop, waiting for the server) retry all of it.
 - `is_content_error`, an allow-list: the database refused the command's own data (SQLSTATE class 22 data
@@ -46,6 +49,10 @@ DATABASE_FAILURE: tuple[type[BaseException], ...] = (
 
 def is_stored_meanwhile(exc: BaseException) -> bool:
     return isinstance(exc, pg.UniqueViolationError) and exc.constraint_name == INBOX_KEY
+
+
+def is_connection_loss(exc: BaseException) -> bool:
+    return is_retryable(exc) and isinstance(exc, UNAVAILABLE) and not isinstance(exc, pg.QueryCanceledError)
 
 
 def is_retryable(exc: BaseException) -> bool:

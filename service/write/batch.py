@@ -83,11 +83,13 @@ class Step(enum.Enum):
     QUARANTINE = "send the record to the dead-letter topic"
 
 
-def next_step(exc: Exception, items: list[Decoded], first_attempt: bool) -> Step:
+def next_step(exc: Exception, items: list[Decoded], first_attempt: bool, alone: bool = False) -> Step:
     """The one decision of the failure path. `exc` rolled back the transaction of `items`: nothing of it stays.
 
     - Retryable (connection lost, deadlock, ...): nothing was decided about the commands. The batch is given up
-      and retried by the worker; parts already committed are skipped then by their stored offsets.
+      and retried by the worker; parts already committed are skipped then by their stored offsets. When
+      the worker redoes a batch record by record (`alone`: its retries kept failing), only a connection
+      loss retries: another retryable error of one record (a statement timeout, ...) quarantines it.
     - A part of several records: one of them is at fault, the others are not: each is applied alone.
     - One command whose id another partition stored meanwhile: done again, it is answered as a duplicate.
     - One command whose data the database refused (`errors.is_content_error`, an allow-list): rejected (stored
@@ -96,7 +98,7 @@ def next_step(exc: Exception, items: list[Decoded], first_attempt: bool) -> Step
       the code, a record that could not even be rejected): the record goes to the dead-letter topic
       (UNPROCESSABLE, a rejected result published but not stored) and the partition goes on.
     """
-    if errors.is_retryable(exc):
+    if errors.is_connection_loss(exc) or (errors.is_retryable(exc) and not alone):
         return Step.RETRY_BATCH
     if len(items) > 1:
         return Step.ONE_BY_ONE
@@ -121,34 +123,36 @@ class BatchProcessor:
         self.fan_out_slice = fan_out_slice  # users per statement of a segment fan-out
 
     async def process(self, conn: asyncpg.Connection, records: list[InboundRecord],
-                      report: BatchReport | None = None) -> BatchReport:
+                      report: BatchReport | None = None, alone: bool = False) -> BatchReport:
         """Apply `records`; committed parts are added to `report` (kept by the caller across retries).
-        Raises a retryable error when the batch must be retried (see `next_step`)."""
+        Raises a retryable error when the batch must be retried (see `next_step`). `alone`: every record in a
+        part of its own (a batch whose retries kept failing: one poison record must not block its partition)."""
         report = report if report is not None else BatchReport()
-        for part in _parts([decode(r) for r in records]):
-            await self._part(conn, part, report)
+        decoded = [decode(r) for r in records]
+        for part in [[d] for d in decoded] if alone else _parts(decoded):
+            await self._part(conn, part, report, alone=alone)
         return report
 
     async def _part(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport,
-                    work: Work | None = None) -> None:
+                    work: Work | None = None, alone: bool = False) -> None:
         """Apply `items` in one transaction (with `work`, or the normal way); on failure, take `next_step`."""
         try:
             await self._apply_in_transaction(conn, items, report, work or _Part.apply)
             return
         except Exception as exc:
             failure = exc
-        step = next_step(failure, items, first_attempt=work is None)
+        step = next_step(failure, items, first_attempt=work is None, alone=alone)
         if step is Step.RETRY_BATCH:
             raise failure
         log.error(f"part failed: {step.value}", extra={
             "from": items[0].record.position, "to": items[-1].record.position, "error": repr(failure)})
         if step is Step.ONE_BY_ONE:
             for d in items:
-                await self._part(conn, [d], report)
+                await self._part(conn, [d], report, alone=alone)
         elif step is Step.REDO:  # if it fails again, the record is quarantined
-            await self._part(conn, items, report, _Part.apply)
+            await self._part(conn, items, report, _Part.apply, alone)
         elif step is Step.REJECT:  # if rejecting fails too, the record is quarantined
-            await self._part(conn, items, report, lambda part, fresh: part.refuse(fresh[0], failure))
+            await self._part(conn, items, report, lambda part, fresh: part.refuse(fresh[0], failure), alone)
         else:  # the last resort: if even this fails, the worker retries the batch
             reason = printable(repr(failure))
             await self._apply_in_transaction(conn, items, report, lambda part, fresh: part.quarantine(fresh[0], reason))

@@ -1,4 +1,5 @@
 """The write path against a real PostgreSQL: rules, idempotency, dead letters, fan-outs, history."""
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -359,3 +360,43 @@ async def test_member_counts_follow_every_kind_of_change(conn):
     await f.apply({"type": "DeleteSegment", "command_id": "del", "slug": "R"})
     await counted()
     assert await conn.fetchval("SELECT count(*) FROM memberships") > 0  # A still has members
+
+
+async def test_a_record_that_keeps_timing_out_is_quarantined_after_bounded_retries(settings, monkeypatch):
+    """A statement_timeout is retryable, but one record may cause it every time: after BATCH_RETRIES_ALONE
+    failed retries the worker redoes the batch record by record; that record is quarantined, the others apply."""
+    import asyncpg
+
+    from consumers.worker import CommandWorker
+    from schemas.commands import UpdateUserSegments
+    from service.infra import db
+    from service.write import batch as batch_module
+
+    original = batch_module.USER_HANDLERS[UpdateUserSegments]
+    calls = []
+
+    def slow(cmd, ctx):
+        if cmd.command_id == "poison":
+            calls.append(1)
+            raise asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout")
+        return original(cmd, ctx)
+
+    monkeypatch.setitem(batch_module.USER_HANDLERS, UpdateUserSegments, slow)
+    pool = await db.create_pool(settings, "worker", 1, 2)
+    worker = CommandWorker(settings.model_copy(update={"batch_retries_alone": 2}), pool)
+    try:
+        async with pool.acquire() as conn:
+            f = Feeder(conn)
+            await f.apply(create("A"))
+            records = [f.record(update_user(c, u, add=["A"])) for c, u in (("before", 1), ("poison", 2), ("after", 3))]
+            report = batch_module.BatchReport()
+            assert await asyncio.wait_for(worker.apply_with_retry(records, report), 60)
+            assert len(calls) == 3  # two failed retries of the batch, then the record alone once
+            assert await f.members("A") == {1, 3}
+            payload, headers, _ = (await f.outbox("dlq"))[0]
+            assert headers["error.code"] == "UNPROCESSABLE" and b'"poison"' in bytes(payload)
+            assert (await f.result("poison"))["error"]["details"] == {"dead_letter": "UNPROCESSABLE"}
+            assert await conn.fetchval("SELECT count(*) FROM processed_commands WHERE command_id = 'poison'") == 0
+    finally:
+        await worker.consumer.stop()
+        await pool.close()

@@ -5,6 +5,7 @@ import pytest
 from asyncpg import exceptions as pg
 from asyncpg.exceptions import _base
 
+from service.infra.errors import is_connection_loss
 from service.write.batch import Step, next_step
 from service.write.decoding import InboundRecord, decode
 
@@ -59,3 +60,22 @@ def test_an_id_stored_meanwhile_is_redone_then_answered_as_seen():
     exc = server_error("23505", "processed_commands_pkey")  # another partition stored the same id at once
     assert next_step(exc, one_command(), first_attempt=True) is Step.REDO
     assert next_step(exc, one_command(), first_attempt=False) is Step.QUARANTINE
+
+
+@pytest.mark.parametrize("exc", [pg.QueryCanceledError("statement timeout"), server_error("55P03"),
+                                 server_error("40P01")])
+def test_redone_record_by_record_a_retryable_error_that_is_not_connection_loss_quarantines(exc):
+    assert not is_connection_loss(exc)
+    assert next_step(exc, one_command(), first_attempt=True, alone=False) is Step.RETRY_BATCH
+    assert next_step(exc, one_command(), first_attempt=True, alone=True) is Step.QUARANTINE
+
+
+@pytest.mark.parametrize("exc", [ConnectionResetError(), TimeoutError(), pg.AdminShutdownError("shutdown"),
+                                 asyncpg.ConnectionDoesNotExistError("closed")])
+def test_a_connection_loss_retries_even_record_by_record(exc):
+    assert is_connection_loss(exc)
+    assert next_step(exc, one_command(), first_attempt=True, alone=True) is Step.RETRY_BATCH
+
+
+def test_a_client_side_data_error_is_no_connection_loss():
+    assert not is_connection_loss(_base.DataError("invalid input for query argument $1"))
