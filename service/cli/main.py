@@ -394,18 +394,25 @@ def watch(
 @app.command()
 def report(
     month: str = typer.Argument(..., help="YYYY-MM (UTC)."),
+    to: str | None = typer.Option(None, "--to", help="The last month YYYY-MM of a period (at most 120 months)."),
     user: int | None = typer.Option(None, "--user", help="Only this user's rows."),
+    slug: str | None = typer.Option(None, "--slug", help="Only this segment's rows."),
     api_url: str | None = typer.Option(None, "--api", help="Base URL of the API (default: HTTP_HOST:HTTP_PORT)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="File to write (default: stdout)."),
 ) -> None:
-    """Write a month's membership history CSV (streamed from the API)."""
+    """Write a month's (or a period's) membership history CSV, streamed from the API. With the API's
+    API_TOKENS set, give the token in SEGMENTATION_API_TOKEN."""
     from service.cli.report_client import download
 
+    for value in (month, to):
+        year, _, mon = (value or "2000-01").partition("-")
+        if not (len(year) == 4 and year.isdigit() and len(mon) == 2 and mon.isdigit() and 1 <= int(mon) <= 12):
+            typer.echo("months must look like 2026-11", err=True)
+            raise typer.Exit(2)
     year, _, mon = month.partition("-")
-    if not (year.isdigit() and mon.isdigit() and 1 <= int(mon) <= 12):
-        typer.echo("month must look like 2026-11", err=True)
-        raise typer.Exit(2)
+    params = {"from": month, "to": to} if to else {"year": year, "month": str(int(mon))}
+    params |= ({"user_id": str(user)} if user else {}) | ({"slug": slug} if slug else {})
     settings = Settings()
     base = api_url or f"http://{settings.http_host}:{settings.http_port}"
-    raise typer.Exit(asyncio.run(download(base, int(year), int(mon), user, output)))
+    raise typer.Exit(asyncio.run(download(base, params, output)))
 

@@ -1,19 +1,24 @@
 """Client side of the history report: stream the CSV from the API to a file or stdout, with progress."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import aiohttp
 
+TOKEN_VARIABLE = "SEGMENTATION_API_TOKEN"  # the bearer token, when the API has API_TOKENS set
 
-async def download(base_url: str, year: int, month: int, user_id: int | None, output: Path | None) -> int:
-    """Stream the CSV; a progress bar on stderr when it is a terminal. Returns an exit code."""
-    params = {"year": str(year), "month": str(month)} | ({"user_id": str(user_id)} if user_id else {})
+
+async def download(base_url: str, params: dict[str, str], output: Path | None) -> int:
+    """Stream the CSV of `params` (year and month, or from and to; user_id, slug); a progress bar on stderr
+    when it is a terminal. Returns an exit code."""
+    token = os.environ.get(TOKEN_VARIABLE)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: ASYNC230 - once, before any I/O
     show = sys.stderr.isatty()
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=headers) as session:
             async with session.get(f"{base_url.rstrip('/')}/api/v1/reports/history.csv", params=params) as resp:
                 if resp.status != 200:
                     print(f"report failed: HTTP {resp.status}: {await resp.text()}", file=sys.stderr)

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     public_base_url: str | None = None
+    api_tokens: str | None = None  # comma-separated bearer tokens or sha256:<hex> digests; unset: open
     metrics_port: int = 0
     log_level: str = "INFO"
     log_format: str = "json"

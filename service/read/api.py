@@ -3,63 +3,64 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
+from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 import asyncpg
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
 from schemas import openapi
-from schemas.common import MAX_USER_ID, SLUG_PATTERN, format_time
-from schemas.http import ErrorBody, ReportLink, SegmentInfo, SegmentList
+from schemas.common import format_time
+from schemas.http import (
+    ErrorBody,
+    Excluded,
+    Explain,
+    ExplainedSegment,
+    ExplainedUserSegments,
+    Member,
+    MemberPage,
+    ReportLink,
+    Scheduled,
+    SegmentChange,
+    SegmentHistory,
+    SegmentInfo,
+    SegmentList,
+)
 from service.infra import db, errors, metrics
 from service.infra.settings import Settings
-from service.read import views
+from service.read import auth, params, views
+from service.read.params import InputError
+from service.read.waiters import CommandWaiters
 
 log = logging.getLogger("segmentation.api")
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REPORTS = web.AppKey("reports", asyncio.Semaphore)  # streams in progress: each holds a connection throughout
+WAITERS = web.AppKey("waiters", CommandWaiters)
+TOKENS = web.AppKey("tokens", tuple)  # SHA-256 digests of the accepted bearer tokens; empty: open
 ACQUIRE_TIMEOUT = 5.0
-_SLUG = re.compile(SLUG_PATTERN)
+# Everything under it needs a token when API_TOKENS is set; probes, metrics and the documents stay open.
+PROTECTED_PREFIX = "/api/v1/"
+SERVER = "segmentation"  # no version banner
 
 
-def error(status: int, code: str, message: str) -> web.Response:
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = ErrorBody(error={"code": code, "message": message}).model_dump_json()
-    return web.Response(status=status, text=body, content_type="application/json")
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
 def answer(model) -> web.Response:
     return web.Response(text=model.model_dump_json(), content_type="application/json")
 
 
-class InputError(Exception):
-    """Bad input: answered 400 with the contract's error body."""
-
-
-def _int(value: str | None, name: str, low: int, high: int, required: bool = True) -> int | None:
-    if value is None or value == "":
-        if required:
-            raise InputError(f"{name} is required")
-        return None
-    if not re.fullmatch(r"[0-9]{1,19}", value) or not low <= int(value) <= high:
-        raise InputError(f"{name} must be an integer from {low} to {high}")
-    return int(value)
-
-
-def _required_int(value: str | None, name: str, low: int, high: int) -> int:
-    number = _int(value, name, low, high)
-    assert number is not None  # required: _int raised InputError otherwise
-    return number
-
-
 @web.middleware
 async def observe(request: web.Request, handler):
-    """Errors as the contract's body; metrics by route and status."""
+    """Errors as the contract's body (a 405 keeps its Allow header); metrics by route and status."""
     started = time.perf_counter()
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
@@ -68,7 +69,8 @@ async def observe(request: web.Request, handler):
         response = error(400, "BAD_REQUEST", str(exc))
     except web.HTTPException as exc:
         if exc.status >= 400:
-            response = error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason, allow)
         else:
             raise
     except errors.UNAVAILABLE as exc:  # down or busy (503, try again), not a query that fails (500, a bug)
@@ -82,11 +84,54 @@ async def observe(request: web.Request, handler):
     return response
 
 
+@web.middleware
+async def authorize(request: web.Request, handler):
+    """With API_TOKENS set, /api/v1/ needs `Authorization: Bearer <token>` (the token is never logged)."""
+    allowed = request.app[TOKENS]
+    if allowed and request.path.startswith(PROTECTED_PREFIX):
+        if not auth.accepted(auth.bearer(request.headers.get("Authorization")), allowed):
+            return error(401, "UNAUTHORIZED", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+async def _no_banner(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER
+
+
+def _acquire(request: web.Request):
+    return request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT)
+
+
 async def get_user_segments(request: web.Request) -> web.Response:
-    user_id = _required_int(request.match_info["user_id"], "user_id", 1, MAX_USER_ID)
-    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-        rows = await views.user_segments(conn, user_id)
-    return web.Response(body=user_segments_body(user_id, rows), content_type="application/json", charset="utf-8")
+    user_id = params.user_id(request.match_info["user_id"])
+    q = request.query
+    now = datetime.now(UTC)
+    at = params.instant(q["at"], now) if "at" in q else None
+    explain = params.flag(q.get("explain"), "explain")
+    wait_ms = params.wait_ms(q.get("wait_ms"))
+    after = params.command_id(q["after"], "after") if "after" in q else None
+    rows: list | None = None
+    if after is not None:
+        waiters = request.app[WAITERS]
+        with waiters.registered(after) as done:
+            async with _acquire(request) as conn:  # processed already (the usual case): one connection, no wait
+                if await views.processed(conn, [after]):
+                    rows = await views.user_segments(conn, user_id, at, explain)
+            if rows is None and not await waiters.wait(done, wait_ms / 1000):  # waits holding no connection
+                return error(409, "NOT_YET_APPLIED", f"command {after} was not processed within {wait_ms} ms")
+    if rows is None:
+        async with _acquire(request) as conn:
+            rows = await views.user_segments(conn, user_id, at, explain)
+    if not explain:
+        return web.Response(body=user_segments_body(user_id, rows), content_type="application/json", charset="utf-8")
+    moment = at or datetime.now(UTC)
+    return answer(ExplainedUserSegments(
+        user_id=user_id, segments=[_explained(r, moment) for r in rows if r["kind"] == "segment"],
+        excluded=[Excluded(slug=r["slug"], since=r["added_at"], bucket=r["bucket"], threshold=r["threshold"])
+                  for r in rows if r["kind"] == "excluded"],
+        scheduled=[Scheduled(slug=r["slug"], starts_at=r["added_at"], expires_at=r["expires_at"])
+                   for r in rows if r["kind"] == "scheduled"],
+    ))
 
 
 def user_segments_body(user_id: int, rows: list) -> bytes:
@@ -98,65 +143,112 @@ def user_segments_body(user_id: int, rows: list) -> bytes:
         for r in rows]})
 
 
+def _explained(row, moment: datetime) -> ExplainedSegment:
+    expires = row["expires_at"]
+    return ExplainedSegment(
+        slug=row["slug"], added_at=row["added_at"], expires_at=expires, source=row["source"], explain=Explain(
+            source=row["source"], bucket=row["bucket"], threshold=row["threshold"], layer=row["layer"],
+            expires_in_seconds=None if expires is None else round((expires - moment).total_seconds(), 3)))
+
+
 async def get_segments(request: web.Request) -> web.Response:
-    flag = request.query.get("include_deleted", "false").lower()
-    if flag not in ("true", "false", "1", "0"):
-        raise InputError("include_deleted must be true or false")
-    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-        rows = await views.segments(conn, flag in ("true", "1"))
+    include_deleted = params.flag(request.query.get("include_deleted"), "include_deleted")
+    async with _acquire(request) as conn:
+        rows = await views.segments(conn, include_deleted)
     return answer(SegmentList(segments=[SegmentInfo(**r) for r in rows]))
 
 
+def _not_found(slug: str, what: str = "never existed") -> web.Response:
+    return error(404, "SEGMENT_NOT_FOUND", f"segment {slug} {what}")
+
+
 async def get_segment(request: web.Request) -> web.Response:
-    slug = request.match_info["slug"]
-    if not _SLUG.fullmatch(slug):
-        raise InputError(f"not a valid slug: {slug!r}")
-    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+    slug = params.slug(request.match_info["slug"])
+    async with _acquire(request) as conn:
         row = await views.segment(conn, slug)
-    if row is None:
-        return error(404, "SEGMENT_NOT_FOUND", f"segment {slug} never existed")
-    return answer(SegmentInfo(**row))
+    return answer(SegmentInfo(**row)) if row else _not_found(slug)
+
+
+async def get_segment_history(request: web.Request) -> web.Response:
+    slug = params.slug(request.match_info["slug"])
+    async with _acquire(request) as conn:
+        rows = await views.segment_history(conn, slug)
+    if not rows:
+        return _not_found(slug)
+    return answer(SegmentHistory(slug=slug, changes=[SegmentChange(**r) for r in rows]))
+
+
+async def get_members(request: web.Request) -> web.Response:
+    slug = params.slug(request.match_info["slug"])
+    limit = params.page_limit(request.query.get("limit"))
+    after = params.decode_cursor(request.query.get("cursor"))
+    async with _acquire(request) as conn:
+        segment_id = await views.live_segment_id(conn, slug)
+        if segment_id is None:
+            return _not_found(slug, "is not live")
+        rows = await views.members_page(conn, segment_id, after, limit + 1)  # one more: is there a next page?
+    page = rows[:limit]
+    cursor = params.encode_cursor(page[-1]["user_id"]) if len(rows) > limit else None
+    return answer(MemberPage(slug=slug, members=[Member(**r) for r in page], next_cursor=cursor))
+
+
+async def _stream_csv(request: web.Request, filename: str, produce) -> web.StreamResponse:
+    """A streamed CSV download. `produce(conn, start)` may answer an error before it calls `start()`, which sends
+    the headers and gives the function that writes the body. Each stream holds a connection throughout, so
+    only so many run at once."""
+    reports = request.app[REPORTS]
+    if reports.locked():  # slow readers must not take every connection from the other endpoints
+        return error(503, "TOO_MANY_REPORTS", "too many reports are streaming; try again shortly")
+    response = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
+                                           "Content-Disposition": f'attachment; filename="{filename}"'})
+    response.enable_chunked_encoding()
+
+    async def start():
+        await response.prepare(request)
+        return response.write
+
+    async with reports, _acquire(request) as conn:
+        if (refused := await produce(conn, start)) is not None:
+            return refused
+    await response.write_eof()
+    return response
+
+
+async def get_members_csv(request: web.Request) -> web.StreamResponse:
+    slug = params.slug(request.match_info["slug"])
+
+    async def produce(conn, start) -> web.Response | None:
+        segment_id = await views.live_segment_id(conn, slug)
+        if segment_id is None:
+            return _not_found(slug, "is not live")
+        await views.stream_members_csv(conn, segment_id, await start())
+        return None
+
+    return await _stream_csv(request, f"members-{slug}.csv", produce)
 
 
 async def get_command(request: web.Request) -> web.Response:
-    command_id = request.match_info["command_id"]
-    if not 1 <= len(command_id) <= 128 or "\x00" in command_id:
-        raise InputError("command_id must have 1 to 128 characters, none of them NUL")
-    async with request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+    command_id = params.command_id(request.match_info["command_id"])
+    async with _acquire(request) as conn:
         result = await views.command_result(conn, command_id)
     if result is None:
         return error(404, "COMMAND_NOT_FOUND", f"no result for command {command_id}")
     return web.Response(text=result, content_type="application/json")
 
 
-def _report_params(request: web.Request) -> tuple[int, int, int | None]:
-    year = _required_int(request.query.get("year"), "year", 1970, 9998)  # 9998: the month after must exist too
-    month = _required_int(request.query.get("month"), "month", 1, 12)
-    user_id = _int(request.query.get("user_id"), "user_id", 1, MAX_USER_ID, required=False)
-    return year, month, user_id
-
-
 async def get_report_link(request: web.Request) -> web.Response:
-    year, month, user_id = _report_params(request)
-    query = {"year": year, "month": month} | ({"user_id": user_id} if user_id is not None else {})
+    period = params.period(request.query)
     base = request.app[SETTINGS].public_base_url or f"{request.scheme}://{request.host}"
-    return answer(ReportLink(url=f"{base.rstrip('/')}/api/v1/reports/history.csv?{urlencode(query)}"))
+    return answer(ReportLink(url=f"{base.rstrip('/')}/api/v1/reports/history.csv?{urlencode(period.query())}"))
 
 
 async def get_report_csv(request: web.Request) -> web.StreamResponse:
-    year, month, user_id = _report_params(request)
-    name = f"history-{year:04d}-{month:02d}" + (f"-user-{user_id}" if user_id else "") + ".csv"
-    response = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
-                                           "Content-Disposition": f'attachment; filename="{name}"'})
-    response.enable_chunked_encoding()
-    reports = request.app[REPORTS]
-    if reports.locked():  # slow readers must not take every connection from the other endpoints
-        return error(503, "TOO_MANY_REPORTS", "too many reports are streaming; try again shortly")
-    async with reports, request.app[POOL].acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-        await response.prepare(request)
-        await views.stream_history_csv(conn, year, month, user_id, response.write)
-    await response.write_eof()
-    return response
+    period = params.period(request.query)
+
+    async def produce(conn, start) -> None:
+        await views.stream_history_csv(conn, period.start, period.end, period.user_id, period.slug, await start())
+
+    return await _stream_csv(request, period.filename(), produce)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -211,19 +303,27 @@ async def _database(app: web.Application):
     settings = app[SETTINGS]
     app[POOL] = await db.create_pool(settings, "api", settings.db_pool_min, settings.db_pool_max)
     app[REPORTS] = asyncio.Semaphore(max(1, settings.db_pool_max // 2))
+    app[WAITERS] = CommandWaiters(settings.database_url)
+    await app[WAITERS].start()
     yield
+    await app[WAITERS].stop()
     await app[POOL].close()
 
 
 def create_app(settings: Settings) -> web.Application:
-    """The app factory: state through AppKey, the pool through cleanup_ctx."""
-    app = web.Application(middlewares=[observe])
+    """The app factory: state through AppKey, the pool and the command listener through cleanup_ctx."""
+    app = web.Application(middlewares=[observe, authorize])
     app[SETTINGS] = settings
+    app[TOKENS] = auth.digests(settings.api_tokens)
     app.cleanup_ctx.append(_database)
+    app.on_response_prepare.append(_no_banner)
     r = app.router
     r.add_get("/api/v1/users/{user_id}/segments", get_user_segments)
     r.add_get("/api/v1/segments", get_segments)
     r.add_get("/api/v1/segments/{slug}", get_segment)
+    r.add_get("/api/v1/segments/{slug}/members", get_members)
+    r.add_get("/api/v1/segments/{slug}/members.csv", get_members_csv)
+    r.add_get("/api/v1/segments/{slug}/history", get_segment_history)
     r.add_get("/api/v1/commands/{command_id}", get_command)
     r.add_get("/api/v1/reports/history", get_report_link)
     r.add_get("/api/v1/reports/history.csv", get_report_csv)
@@ -233,6 +333,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/openapi.json", get_openapi)
     r.add_get("/asyncapi.json", get_asyncapi)
     r.add_get("/docs", get_docs)
+    r.add_static("/docs/static", SWAGGER_UI_PY_ROOT / "static")  # Swagger UI 5, served from the wheel
     return app
 
 
