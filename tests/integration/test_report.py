@@ -7,16 +7,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from service.infra.settings import Settings
 from service.read.api import create_app
 from tests.support.batch import Feeder, create, update_user
+from tests.support.helpers import api_client
 
 NOV = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 async def http(database_url):
-    client = TestClient(TestServer(create_app(Settings(database_url=database_url, public_base_url="http://reports"))))
-    await client.start_server()
-    yield client
-    await client.close()
+    async with api_client(Settings(database_url=database_url, public_base_url="http://reports")) as client:
+        yield client
 
 
 async def csv(http, query: str) -> list[list[str]]:
@@ -76,7 +75,7 @@ async def test_the_month_is_the_utc_month_whatever_the_servers_time_zone(conn):
     async def write(b):
         chunks.append(bytes(b))
 
-    await views.stream_history_csv(conn, 2026, 5, None, write)
+    await views.stream_history_csv(conn, datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC), None, None, write)
     lines = b"".join(chunks).decode().splitlines()
     assert lines[1:] == ["1;A;added;2026-05-31T12:00:00.000000Z;command"]
 
@@ -115,7 +114,7 @@ async def test_a_failing_query_is_a_500_not_a_503(http, monkeypatch):
 
     from service.read import views
 
-    async def broken(conn, user_id):
+    async def broken(*args):
         raise asyncpg.exceptions.FeatureNotSupportedError("invalid UNION/INTERSECT/EXCEPT ORDER BY clause")
 
     monkeypatch.setattr(views, "user_segments", broken)

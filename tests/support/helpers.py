@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -60,3 +61,18 @@ async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, m
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         await asyncio.sleep(interval)
 
+
+
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings):
+    """The read API on a test server, as an aiohttp test client."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service.read.api import create_app
+
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
