@@ -4,6 +4,7 @@ Each returns the number of MembershipChanged events it wrote and its SegmentChan
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
@@ -58,9 +59,20 @@ async def _locked(conn: asyncpg.Connection, slug: str) -> asyncpg.Record:
 
 
 async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
-    """Before any segment lock: wait for registrations in flight, hold new ones off (see sql.LOCK_ROLLOUT_SHARED)."""
-    if percent:
-        await conn.execute(sql.LOCK_ROLLOUT_EXCLUSIVE, db.ROLLOUT_LOCK)
+    """Before any segment lock: wait for registrations in flight, hold new ones off (see sql.LOCK_ROLLOUT_SHARED).
+    Polled (5 ms doubling up to 200 ms) rather than queued for, and given up as a lock_timeout would be (the
+    command is retried)."""
+    if not percent:
+        return
+    loop = asyncio.get_running_loop()
+    timeout = await conn.fetchval(sql.LOCK_TIMEOUT_SECONDS)
+    deadline = loop.time() + timeout if timeout > 0 else None
+    pause = 0.005
+    while not await conn.fetchval(sql.TRY_LOCK_ROLLOUT_EXCLUSIVE, db.ROLLOUT_LOCK):
+        if deadline is not None and loop.time() >= deadline:
+            raise asyncpg.exceptions.LockNotAvailableError("the rollout lock stayed taken for the whole lock_timeout")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices: AsyncIterator[list[int]]) -> int:

@@ -46,9 +46,12 @@ ORDER BY id FOR SHARE
 """
 # Registering users vs. starting a rollout: a segment that is new, or goes from 0 % to more, is invisible to a
 # concurrent registration, and the registration's user invisible to the fan-out. Registrations take this lock
-# shared, such fan-outs exclusive, before any segment lock (the lock id: db.ROLLOUT_LOCK).
+# shared, such fan-outs exclusive, before any segment lock (the lock id: db.ROLLOUT_LOCK). The exclusive one is
+# tried, never queued for: a queued exclusive request would make every later registration wait behind it, and so
+# behind a long bulk command that holds the lock shared (segment_handlers._starting_a_rollout polls instead).
 LOCK_ROLLOUT_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
-LOCK_ROLLOUT_EXCLUSIVE = "SELECT pg_advisory_xact_lock($1)"
+TRY_LOCK_ROLLOUT_EXCLUSIVE = "SELECT pg_try_advisory_xact_lock($1)"
+LOCK_TIMEOUT_SECONDS = "SELECT extract(epoch FROM current_setting('lock_timeout')::interval)::float8"
 LOCK_SEGMENT_FOR_UPDATE = """
 SELECT id, slug, salt, auto_percent, description, layer, bucket_start, bucket_end FROM segments
 WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE

@@ -8,6 +8,7 @@ import pytest
 from service.read import views
 from service.write import batch as batch_module
 from tests.support.batch import Feeder, create, update_user
+from tests.support.helpers import wait_until
 
 
 @pytest.fixture
@@ -209,3 +210,28 @@ async def test_one_command_id_for_two_users_on_two_partitions_at_once(conn, conn
     assert (await f.result("other"))["status"] == "applied"
     assert (await f.result("same"))["error"]["code"] == "IDEMPOTENCY_CONFLICT"
     assert await f.members("A") == {5, 7}
+
+
+async def test_a_rollout_start_waiting_behind_a_bulk_does_not_hold_up_a_new_users_command(conn, database_url):
+    """A bulk with new users holds the rollout lock shared for its transaction; a rollout start must not queue
+    for it exclusively, or every new user's own command would wait behind the queued request."""
+    from tests.integration.test_segment_members import bulk
+
+    await Feeder(conn).apply(create("S"), create("R", percent=10), create("T"))
+    a, b, c = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        fa, fb, fc = Feeder(a), Feeder(b), Feeder(c)
+        big = asyncio.create_task(fa.apply(bulk("bulk", add=list(range(1, 100_001))), partition=5))
+        shared = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock'"
+        await wait_until(lambda: c.fetchval(shared), 120, message="the bulk holding the rollout lock")
+        start = asyncio.create_task(fb.apply({"type": "UpdateSegment", "command_id": "u", "slug": "R",
+                                              "auto_percent": 20}, partition=6))
+        await asyncio.sleep(0.5)  # the rollout start is trying for the lock
+        assert not big.done() and not start.done()
+        await asyncio.wait_for(fc.apply(update_user("own", 9_000_000_002, add=["T"]), partition=3), 3)
+        assert (await fc.result("own"))["status"] == "applied" and not big.done()
+        await asyncio.wait_for(asyncio.gather(big, start), 200)
+        assert (await fa.result("bulk"))["status"] == (await fb.result("u"))["status"] == "applied"
+    finally:
+        for x in (a, b, c):
+            await x.close()
