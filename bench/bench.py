@@ -88,7 +88,7 @@ async def project(settings, args, naive: dict) -> dict:
     got["read"] = await asyncio.to_thread(wrk, url)
     print(f"read API, a user's 3 segments, {' '.join(WRK)}: {got['read'][0]:,.0f} requests/s, p99 {got['read'][1]:.1f} ms")
     naive["read"] = await asyncio.to_thread(naive_read)
-    got["ttl"] = await ttl_lag.run(settings, args.ttl_users, 10.0, 60.0)
+    got["ttl"] = await ttl_lag.run(settings, args.ttl_users, args.ttl_lead, 60.0)
     listed = [f"LIST{i}_{run_id}" for i in range(2)]
     await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
                                   for s in listed])
@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=50_000)
     parser.add_argument("--users", type=int, default=1_000_000, help="Registered users of the rollout measure.")
     parser.add_argument("--ttl-users", type=int, default=10_000)
+    parser.add_argument("--ttl-lead", type=float, default=30.0,
+                        help="Seconds from seeding to expires_at (seeding must finish first, on a loaded machine too).")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--relays", type=int, default=1)
     args = parser.parse_args()
