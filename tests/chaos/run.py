@@ -1,0 +1,125 @@
+"""Chaos runs: phases of faults under load, each ended by the invariant checker. `make chaos` runs the long plan
+(`python -m tests.chaos.run`) and prints per fault kind: injected, commands, lost, double effects, duplicate
+deliveries, time to recover (p50, max) and the violations found."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.chaos import faults
+from tests.chaos.cluster import Cluster
+from tests.chaos.invariants import Report, check, settle
+from tests.chaos.load import Load
+
+Fault = Callable[[Cluster, Load], Awaitable[float]]
+
+
+@dataclass
+class Phase:
+    kind: str
+    faults: list[Fault]
+    pause: float = 3.0  # of load before each fault
+
+
+@dataclass
+class Row:
+    kind: str
+    injected: int
+    commands: int
+    lost: int
+    double_effects: int
+    duplicate_deliveries: int
+    recover: list[float]
+    violations: dict[str, list] = field(default_factory=dict)
+
+
+def kill(name: str) -> Fault:
+    return functools.partial(faults.sigkill, name=name)
+
+
+SHORT = [Phase("short: SIGKILL worker, relay; PostgreSQL crash; Kafka cut 10 s",
+               [kill("worker"), kill("relay"), faults.postgres_crash,
+                functools.partial(faults.kafka_unreachable, seconds=10)])]
+
+LONG = [
+    Phase("SIGKILL worker", [kill("worker")] * 4),
+    Phase("SIGKILL relay", [kill("relay")] * 3),
+    Phase("SIGKILL ttl", [kill("ttl")] * 3),
+    Phase("SIGKILL api", [kill("api")] * 3),
+    Phase("PostgreSQL crash (pg_ctl stop -m immediate)", [faults.postgres_crash] * 3, pause=5),
+    Phase("Kafka unreachable 10 s (refused)", [functools.partial(faults.kafka_unreachable, seconds=10)] * 2),
+    Phase("Kafka unreachable 60 s (silent)", [functools.partial(faults.kafka_unreachable, seconds=60,
+                                                                mode="blackhole")]),
+    Phase("relay frozen (SIGSTOP 15 s), standby running", [faults.relay_frozen] * 2),
+    Phase("rebalance storm (30 s)", [faults.rebalance_storm]),
+    Phase("percent 0 <-> 100 % under lock/statement timeouts", [faults.percent_change] * 2),
+]
+
+
+async def run(plan: list[Phase], folder: Path, users: int = 300, rate: float = 40.0,
+              out: Callable[[str], None] = lambda _: None) -> list[Row]:
+    rows: list[Row] = []
+    async with Cluster(folder) as cluster:
+        async with Load(cluster.settings, users=users, rate=rate) as load:
+            await load.probe(timeout=120)  # the cluster is up
+            before, seen = Report(), set()
+            for phase in plan:
+                out(f"{time.strftime('%H:%M:%S')} {phase.kind}")
+                stop = asyncio.Event()
+                sending = asyncio.create_task(load.run(stop))
+                recover = []
+                try:
+                    for fault in phase.faults:
+                        await asyncio.sleep(phase.pause)
+                        recover.append(await fault(cluster, load))
+                finally:
+                    stop.set()
+                    await sending
+                await settle(cluster, load)
+                report = await check(cluster, load)
+                new = {k: [x for x in found if repr(x) not in seen] for k, found in report.broken().items()}
+                seen |= {repr(x) for found in report.broken().values() for x in found}
+                rows.append(Row(phase.kind, len(phase.faults), report.commands - before.commands,
+                                report.lost - before.lost, report.double_effects - before.double_effects,
+                                report.duplicate_deliveries - before.duplicate_deliveries, recover,
+                                {k: found for k, found in new.items() if found}))
+                before = report
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| fault | injected | commands | lost | double effects | duplicate deliveries | recover p50 | recover max |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.kind} | {r.injected} | {r.commands} | {r.lost} | {r.double_effects} | "
+                     f"{r.duplicate_deliveries} | {statistics.median(r.recover):.1f} s | {max(r.recover):.1f} s |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--short", action="store_true", help="the short plan of `make test`")
+    parser.add_argument("--rate", type=float, default=40.0, help="commands per second")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="chaos-") as folder:
+        rows = asyncio.run(run(SHORT if args.short else LONG, Path(folder), rate=args.rate,
+                               out=lambda line: print(line, file=sys.stderr, flush=True)))
+    print(table(rows))
+    broken = [(r.kind, r.violations) for r in rows if r.violations]
+    for kind, violations in broken:
+        print(f"\nviolations after {kind}:")
+        for name, found in violations.items():
+            print(f"  {name}: {len(found)}: {found[:3]}")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
