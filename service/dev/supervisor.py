@@ -54,11 +54,11 @@ def run(workers: int = 1, relays: int = 1) -> int:
             asyncio.run(_prepare(settings))
             children += [Child(name, env) for name in PROCESSES
                          for _ in range({"worker": workers, "relay": relays}.get(name, 1))]
-            for child in children:
-                child.start()
-            print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
-                             database=database), file=sys.stderr, flush=True)
-            try:
+            try:  # a child started is a child stopped, even when Ctrl-C comes while the others start
+                for child in children:
+                    child.start()
+                print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
+                                 database=database), file=sys.stderr, flush=True)
                 _heal(children)
             finally:
                 _stop(children)

@@ -25,6 +25,14 @@ from tests.support.helpers import ROOT, fast_settings, settings_env
 DATABASE_TIMEOUTS = {"lock_timeout": "2s", "statement_timeout": "30s"}
 
 
+def faketime_library() -> Path:
+    """The libfaketime shared library the `libfaketime` wheel ships."""
+    import libfaketime
+
+    [library] = Path(libfaketime.__file__).parent.glob("vendor/libfaketime/src/libfaketime.so.1")
+    return library
+
+
 class Cluster:
     """`async with Cluster(folder) as c`: servers, proxies, topics, migrations and the processes of `initial`."""
 
@@ -82,11 +90,17 @@ class Cluster:
     def all(self) -> list[subprocess.Popen]:
         return [p for procs in self.procs.values() for p in procs]
 
-    def start(self, name: str) -> subprocess.Popen:
+    def start(self, name: str, clock_offset: float = 0.0) -> subprocess.Popen:
+        """Start a process of `name`; with `clock_offset`, its wall clock is that many seconds off (libfaketime
+        preloaded; its monotonic clock stays true, so timeouts are not affected)."""
         n = sum(1 for _ in self.logs.glob(f"{name}-*.log"))
+        env = settings_env(self.settings)
+        if clock_offset:
+            env |= {"LD_PRELOAD": str(faketime_library()), "FAKETIME": f"{clock_offset:+g}",
+                    "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
         with open(self.logs / f"{name}-{n}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "service.cli", name], env=settings_env(self.settings),
-                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, "-m", "service.cli", name], env=env, cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT)
         self.procs.setdefault(name, []).append(proc)
         return proc
 

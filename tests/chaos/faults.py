@@ -9,6 +9,7 @@ import time
 
 from tests.chaos.cluster import Cluster
 from tests.chaos.load import ROLLOUT, Load
+from tests.support.helpers import wait_until
 
 RESTART_PAUSE = 1.0  # what `make run`'s supervisor waits before starting a dead process again
 
@@ -37,13 +38,30 @@ async def kafka_unreachable(cluster: Cluster, load: Load, seconds: float, mode: 
 
 
 async def relay_frozen(cluster: Cluster, load: Load, seconds: float = 15.0) -> float:
-    """SIGSTOP the active relay for `seconds` (a standby runs beside it), then SIGCONT."""
+    """SIGSTOP the relay leading the most shards for `seconds` (another relay runs beside it), then SIGCONT.
+    Recovery is counted from the freeze until the outbox holds no row older than 2 s: with a takeover that is
+    during the freeze, without one only after the thaw."""
     active = await cluster.leader("relay")
-    assert active is not None, "no active relay"
+    assert active is not None, "no relay leads a shard"
+    frozen_at = time.monotonic()
     cluster.freeze(active)
-    await asyncio.sleep(seconds)
-    cluster.thaw(active)
-    return await load.probe()
+    try:
+        while time.monotonic() - frozen_at < seconds:
+            await asyncio.sleep(0.5)
+            if time.monotonic() - frozen_at > 3 and await _outbox_age(cluster) <= 2:
+                return time.monotonic() - frozen_at  # taken over
+    finally:
+        cluster.thaw(active)
+    async def caught_up() -> bool:
+        return await _outbox_age(cluster) <= 2
+
+    await wait_until(caught_up, timeout=120, interval=0.2, message="the outbox drained after the thaw")
+    return time.monotonic() - frozen_at
+
+
+async def _outbox_age(cluster: Cluster) -> float:
+    rows = await cluster.sql("SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float AS age FROM outbox")
+    return rows[0]["age"]
 
 
 async def rebalance_storm(cluster: Cluster, load: Load, seconds: float = 30.0) -> float:
@@ -69,6 +87,19 @@ async def rebalance_storm(cluster: Cluster, load: Load, seconds: float = 30.0) -
     for extra in cluster.live("worker")[2:]:
         extra.terminate()
         await asyncio.to_thread(extra.wait, 30)
+    return await load.probe()
+
+
+async def clock_skew(cluster: Cluster, load: Load, offset: float = -3.0, seconds: float = 30.0) -> float:
+    """Every worker's wall clock `offset` seconds off the TTL producer's for `seconds` (workers replaced one by one
+    by skewed ones, then back)."""
+    for clock in (offset, 0.0):
+        for old in cluster.live("worker"):
+            cluster.start("worker", clock_offset=clock)
+            old.terminate()
+            await asyncio.to_thread(old.wait, 30)
+        if clock:
+            await asyncio.sleep(seconds)
     return await load.probe()
 
 

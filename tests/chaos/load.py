@@ -27,8 +27,9 @@ class Load:
         self.tag = uuid.uuid4().hex[:6]
         self.acked: dict[str, bytes] = {}  # command id -> the bytes the broker acknowledged
         self.uncertain: set[str] = set()  # the send failed: it may or may not have been written
-        self.malformed: list[bytes] = []
-        self.malformed_ids: set[str] = set()  # malformed input with a readable command id
+        self.malformed: list[bytes] = []  # malformed input the broker acknowledged
+        self.malformed_ids: set[str] = set()  # ... of it, with a readable command id
+        self.malformed_sent = 0
         self.in_flight: set[asyncio.Future] = set()
         self.sent_count = 0
 
@@ -59,7 +60,7 @@ class Load:
         self.sent_count += 1
         return f"{self.tag}-{self.sent_count}"
 
-    async def send(self, key: str, body: dict | bytes, command_id: str | None = None) -> None:
+    async def send(self, key: str, body: dict | bytes, command_id: str | None = None, malformed: bool = False) -> None:
         """Publish without waiting for the acknowledgement (sorted into acked or uncertain when it comes);
         retried while the broker cannot even take it (nothing was written then)."""
         value = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -70,14 +71,18 @@ class Load:
                 break
             except KafkaError:
                 await asyncio.sleep(0.5)
-        if command_id is None:
-            return
 
-        def settled(f: asyncio.Future, command_id: str = command_id) -> None:
+        def settled(f: asyncio.Future, command_id: str | None = command_id) -> None:
             self.in_flight.discard(f)
-            if not f.cancelled() and f.exception() is None:
+            acked = not f.cancelled() and f.exception() is None
+            if malformed:
+                if acked:
+                    self.malformed.append(value)
+                    if command_id is not None:
+                        self.malformed_ids.add(command_id)
+            elif acked and command_id is not None:
                 self.acked.setdefault(command_id, value)
-            elif command_id not in self.acked:
+            elif command_id is not None and command_id not in self.acked:
                 self.uncertain.add(command_id)
 
         self.in_flight.add(fut)
@@ -110,15 +115,14 @@ class Load:
             await self.send(str(user), body)
 
     async def send_malformed(self) -> None:
-        n = len(self.malformed)
+        n = self.malformed_sent = self.malformed_sent + 1
+        command_id = None
         if n % 2:
             command_id = f"{self.tag}-bad-{n}"
             value = json.dumps({"type": "UpdateUserSegments", "command_id": command_id, "user_id": "nobody"}).encode()
-            self.malformed_ids.add(command_id)
         else:
             value = f"not json {self.tag} {n}".encode()
-        self.malformed.append(value)
-        await self.send(str(self.random.randint(1, self.users)), value)
+        await self.send(str(self.random.randint(1, self.users)), value, command_id, malformed=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send at `rate` commands a second until `stop` is set."""
