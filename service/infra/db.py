@@ -32,12 +32,22 @@ def server_settings(settings: Settings, application: str) -> dict[str, str]:
     return out | {name: str(ms) for name, ms in timeouts.items() if ms >= 0}
 
 
-async def create_pool(settings: Settings, application: str, min_size: int, max_size: int) -> asyncpg.Pool:
-    """A pool whose every wait is bounded: `db_command_timeout_seconds` on each call, the server settings above."""
+async def create_pool(settings: Settings, application: str, min_size: int, max_size: int,
+                      session_reset: bool = True) -> asyncpg.Pool:
+    """A pool whose every wait is bounded: `db_command_timeout_seconds` on each call, the server settings above.
+
+    `session_reset=False` for users that change no session state (no SET, LISTEN, session advisory lock or cursor
+    outside a transaction: the read API): a released connection skips asyncpg's reset query, a round trip per
+    checkout. asyncpg still rolls back a transaction left open before any custom reset runs."""
     return await asyncpg.create_pool(
         settings.database_url, min_size=min_size, max_size=max_size,
         command_timeout=settings.db_command_timeout_seconds,
-        server_settings=server_settings(settings, application))
+        server_settings=server_settings(settings, application),
+        reset=None if session_reset else _keep_session)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to undo (see `create_pool`)."""
 
 
 async def wait_for(url: str, timeout: float = 60.0) -> None:

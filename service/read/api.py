@@ -301,7 +301,8 @@ async def get_docs(request: web.Request) -> web.Response:
 
 async def _database(app: web.Application):
     settings = app[SETTINGS]
-    app[POOL] = await db.create_pool(settings, "api", settings.db_pool_min, settings.db_pool_max)
+    # Read-only, no session state: a released connection needs no reset query (a round trip per request).
+    app[POOL] = await db.create_pool(settings, "api", settings.db_pool_min, settings.db_pool_max, session_reset=False)
     app[REPORTS] = asyncio.Semaphore(max(1, settings.db_pool_max // 2))
     app[WAITERS] = CommandWaiters(settings.database_url)
     await app[WAITERS].start()

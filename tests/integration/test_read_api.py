@@ -375,3 +375,33 @@ async def test_the_cli_report_download_sends_the_token_from_its_variable(conn, d
         monkeypatch.setenv(report_client.TOKEN_VARIABLE, "cli-secret")
         assert await report_client.download(base, {"from": "2026-01", "to": "2026-02", "slug": "A"}, out) == 0
         assert out.read_text().splitlines()[1].startswith("1;A;added;2026-01-05T")
+
+
+# ---- the hot path's round trips ------------------------------------------------------------------------------
+
+async def _last_queries_of_the_api(conn) -> list[str]:
+    return [r[0] for r in await conn.fetch(
+        "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE "
+        "'segmentation-api-%' AND state = 'idle' AND query <> ''")]
+
+
+async def test_a_users_segments_cost_one_round_trip_and_a_connection_comes_back_clean(conn, http):
+    """One statement per GET of a user's segments: the pool does not run asyncpg's session reset (advisory unlock,
+    CLOSE ALL, UNLISTEN, RESET ALL: a second round trip) on each release, as the API changes no session state. A
+    connection released inside a transaction (a CSV download cut off) is still rolled back before it is reused."""
+    f = Feeder(conn, now=now())
+    await f.apply(create("A"), update_user("u7", 7, add=["A"]))
+    for _ in range(20):
+        assert [s["slug"] for s in (await segments_of(http, 7))["segments"]] == ["A"]
+    last = await _last_queries_of_the_api(conn)  # what each pooled connection ran last
+    assert last and not [q for q in last if "RESET ALL" in q or "UNLISTEN" in q], last
+    resp = await http.get("/api/v1/segments/A/members.csv")
+    await resp.content.read(1)
+    resp.close()  # cut off mid-stream
+    await wait_until(lambda: _none_idle_in_transaction(conn), timeout=10)
+
+
+async def _none_idle_in_transaction(conn) -> bool:
+    return not await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE "
+        "'segmentation-api-%' AND state LIKE 'idle in transaction%'")
