@@ -26,13 +26,13 @@ def pytest_configure(config: pytest.Config) -> None:
     """A private --basetemp for each run unless one is given: pytest's shared numbered folders are pruned by the
     next runs, so two suites running at once deleted each other's PostgreSQL data directories."""
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
-        config.option.basetemp = tempfile.mkdtemp(prefix="segmentation-tests-")
+        config.option.basetemp = tempfile.mkdtemp(prefix="segtest-")  # short: Unix socket paths under it
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """That folder goes when the run passed; a failed run keeps it for a look."""
     base = session.config.option.basetemp
-    if exitstatus == 0 and base and Path(base).name.startswith("segmentation-tests-") \
+    if exitstatus == 0 and base and Path(base).name.startswith("segtest-") \
             and not hasattr(session.config, "workerinput"):
         shutil.rmtree(base, ignore_errors=True)
 
