@@ -75,25 +75,29 @@ async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
         pause = min(pause * 2, 0.2)
 
 
-async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices: AsyncIterator[list[int]]) -> int:
-    """Apply a fan-out `statement` (its users the last argument) to each slice of users, in the caller's
+async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices: AsyncIterator[tuple]) -> int:
+    """Apply a fan-out `statement` (its users the last arguments: a slice) to each slice, in the caller's
     transaction; returns the events written."""
     events = 0
-    async for ids in slices:
-        events += await conn.fetchval(statement, *args, ids)
+    async for piece in slices:
+        events += await conn.fetchval(statement, *args, *piece)
     return events
 
 
-async def walk(conn: asyncpg.Connection, slice_size: int, query: str, *query_args) -> AsyncIterator[list[int]]:
-    """The user ids `query` selects, in slices of `slice_size`, through a cursor (the caller's transaction)."""
-    cursor = await conn.cursor(query, *query_args)
-    while ids := [r["user_id"] for r in await cursor.fetch(slice_size)]:
-        yield ids
+FIRST_BOUND = -(2**63)  # below every user id
 
 
-async def in_slices(user_ids: list[int], slice_size: int) -> AsyncIterator[list[int]]:
+async def walk(conn: asyncpg.Connection, slice_size: int, bound_query: str, *query_args) -> AsyncIterator[tuple]:
+    """Key ranges (after, upto] of at most `slice_size` of the users `bound_query` walks, in id order."""
+    after = FIRST_BOUND
+    while (upto := await conn.fetchval(bound_query, after, slice_size, *query_args)) is not None:
+        yield after, upto
+        after = upto
+
+
+async def in_slices(user_ids: list[int], slice_size: int) -> AsyncIterator[tuple]:
     for i in range(0, len(user_ids), slice_size):
-        yield user_ids[i:i + slice_size]
+        yield (user_ids[i:i + slice_size],)
 
 
 async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: ChangeSet,

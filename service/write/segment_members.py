@@ -59,5 +59,5 @@ async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMem
     for rollout in (s for s in segments if s.auto_percent > 0 and new):  # id order, as the rules register
         joins = (rollout.id, rollout.slug, now, format_time(now), cmd.command_id, rollout.bucket_salt,
                  rollout.bucket_start or 0, line(rollout))
-        events += await fan_out(conn, sql.ROLLOUT_ADD, joins, in_slices(new, slice_size))
+        events += await fan_out(conn, sql.ROLLOUT_ADD_LISTED, joins, in_slices(new, slice_size))
     return events, None

@@ -135,8 +135,13 @@ NOTIFY_TTL = "SELECT pg_notify('segmentation_ttl', $1)"
 # A fan-out walks its users in id order through a cursor and changes them a slice at a time, all in one
 # transaction: each statement handles at most one slice (FAN_OUT_SLICE users), short enough for a managed
 # database's statement_timeout, and no plan can make a slice cost the whole segment.
-FAN_OUT_KNOWN_USERS = "SELECT user_id FROM users ORDER BY user_id"
-FAN_OUT_SEGMENT_MEMBERS = "SELECT user_id FROM memberships WHERE segment_id = $1 ORDER BY user_id"
+# The slices are key ranges (after, upto] of user ids, each bound found by an index-only walk of at most a slice:
+# no user id travels to the worker and back. $1 the last bound (exclusive), $2 the slice size; NULL: no more.
+FAN_OUT_KNOWN_USERS = "SELECT max(user_id) FROM (SELECT user_id FROM users WHERE user_id > $1 ORDER BY user_id LIMIT $2) s"
+# $3 the segment.
+FAN_OUT_SEGMENT_MEMBERS = """
+SELECT max(user_id) FROM (
+    SELECT user_id FROM memberships WHERE segment_id = $3 AND user_id > $1 ORDER BY user_id LIMIT $2) s"""
 # One statement per slice: the membership change, its history rows and its outbox rows.
 # $1 segment id, $2 slug, $3 now (timestamptz), $4 now as RFC 3339 text, $5 command id.
 # schemas.common.format_time's text: a fraction of six digits only when it is not zero.
@@ -176,34 +181,40 @@ SELECT count(*) FROM published
 """
 
 
-# $6 salt (the segment's, or its layer's), $7 lower bucket line (inclusive), $8 upper bucket line (exclusive),
-# $9 the users of the slice (of FAN_OUT_KNOWN_USERS, or the users a bulk command registers).
-ROLLOUT_ADD = _fan_out(
-    """
+def _rollout_add(users: str) -> str:
+    return _fan_out(
+        f"""
     INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
-    SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM unnest($9::bigint[]) AS u(user_id)
-    WHERE segment_bucket($6, u.user_id) <@ int4range($7, $8)  -- [lower, upper): one hash per user
+    SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM {users}
+    segment_bucket($6, u.user_id) <@ int4range($7, $8)  -- [lower, upper): one hash per user
       AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = u.user_id AND x.segment_id = $1)
     ON CONFLICT DO NOTHING
     RETURNING user_id, expires_at
     """,
-    "added", "'auto_percent'",
-)
-# $6 salt, $7 new bucket line: rollout members at or above it leave; explicit members never do. $8 the users of
-# the slice (of FAN_OUT_SEGMENT_MEMBERS); the rows go by primary key.
+        "added", "'auto_percent'",
+    )
+
+
+# $6 salt (the segment's, or its layer's), $7 lower bucket line (inclusive), $8 upper bucket line (exclusive);
+# the users: a range ($9, $10] of known users (a slice of FAN_OUT_KNOWN_USERS), or the list $9 (the users a bulk
+# command registers).
+ROLLOUT_ADD = _rollout_add("users u WHERE u.user_id > $9 AND u.user_id <= $10 AND")
+ROLLOUT_ADD_LISTED = _rollout_add("unnest($9::bigint[]) AS u(user_id) WHERE")
+# $6 salt, $7 new bucket line: rollout members at or above it leave; explicit members never do. ($8, $9] the
+# users of the slice (of FAN_OUT_SEGMENT_MEMBERS).
 ROLLOUT_REMOVE = _fan_out(
     """
     DELETE FROM memberships
-    WHERE segment_id = $1 AND user_id = ANY($8::bigint[])
+    WHERE segment_id = $1 AND user_id > $8 AND user_id <= $9
       AND source = 'auto_percent' AND segment_bucket($6, user_id) >= $7
     RETURNING user_id, expires_at
     """,
     "removed", "'auto_percent'",
 )
-# $6 the users of the slice (of FAN_OUT_SEGMENT_MEMBERS). A membership already expired (its ExpireMembership not
-# applied yet) leaves as an expiry, at its own time.
+# ($6, $7] the users of the slice (of FAN_OUT_SEGMENT_MEMBERS). A membership already expired (its ExpireMembership
+# not applied yet) leaves as an expiry, at its own time.
 SEGMENT_DELETE_MEMBERS = _fan_out(
-    "DELETE FROM memberships WHERE segment_id = $1 AND user_id = ANY($6::bigint[]) RETURNING user_id, expires_at",
+    "DELETE FROM memberships WHERE segment_id = $1 AND user_id > $6 AND user_id <= $7 RETURNING user_id, expires_at",
     "removed",
     reason=f"CASE WHEN {_EXPIRED} THEN 'expired' ELSE 'segment_deleted' END",
     occurred=f"CASE WHEN {_EXPIRED} THEN expires_at ELSE $3::timestamptz END",
