@@ -16,7 +16,7 @@ import aiohttp
 from common import dev_stack, dumps, percentile
 from streams import tail
 
-from producers.publisher import CommandClient
+from producers.client import SegmentationClient
 from schemas.commands import CreateSegment
 from service.infra import kafka
 
@@ -25,8 +25,7 @@ async def run(settings, commands: int, probes: int, rate: int) -> float:
     """Prints the figures; returns commands/s (publish to last result)."""
     base = f"http://127.0.0.1:{settings.http_port}"
     slugs = ["BENCH_A", "BENCH_B"]
-    async with CommandClient(settings) as client:
-        await client.listen()
+    async with SegmentationClient(settings) as client:
         for slug in slugs:
             await client.request(CreateSegment(command_id=str(uuid.uuid4()), slug=slug))
     results = await tail(settings, settings.results_topic)

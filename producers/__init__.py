@@ -1,1 +1,1 @@
-"""Producers: the outbox relay, the TTL producer and the client-side publisher the CLI uses."""
+"""Producers: the outbox relay, the TTL producer and the client library (`producers.client`) the CLI uses."""

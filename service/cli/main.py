@@ -135,8 +135,8 @@ def export_schemas(out: Path = typer.Option(Path("docs"), help="Folder to write 
 def _send(command_json: dict, wait: bool, timeout: float) -> None:
     from pydantic import ValidationError
 
-    from producers.publisher import CommandClient
-    from schemas import COMMAND_ADAPTER
+    from producers.client import ResultTimeoutError, SegmentationClient
+    from schemas import COMMAND_ADAPTER, CommandResult
 
     try:
         command = COMMAND_ADAPTER.validate_python(command_json)
@@ -145,20 +145,16 @@ def _send(command_json: dict, wait: bool, timeout: float) -> None:
         raise typer.Exit(2) from None
     settings = Settings()
 
-    async def go() -> dict | None:
-        async with CommandClient(settings) as client:
-            if not wait:
-                await client.send(command)
-                return None
-            await client.listen()
-            return await client.request(command, timeout)
+    async def go() -> CommandResult | None:
+        async with SegmentationClient(settings) as client:
+            return await client.send(command, wait=wait, timeout=timeout)
 
     from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
     try:
         result = asyncio.run(go())
-    except TimeoutError:
-        typer.echo(f"no result for {command.command_id} within {timeout} s (is the worker running?)", err=True)
+    except ResultTimeoutError as exc:
+        typer.echo(str(exc), err=True)
         raise typer.Exit(3) from None
     except MessageSizeTooLargeError:
         size = len(command.model_dump_json(exclude_none=True).encode())
@@ -171,8 +167,8 @@ def _send(command_json: dict, wait: bool, timeout: float) -> None:
     if result is None:
         typer.echo(json.dumps({"command_id": command.command_id, "status": "sent"}))
         return
-    typer.echo(json.dumps(result, indent=2))
-    if result.get("status") != "applied":
+    typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+    if result.status != "applied":
         raise typer.Exit(1)
 
 

@@ -83,7 +83,7 @@ async def _at_least(coro, n):
 async def _setup(stack) -> dict[str, str]:
     slugs = {k: f"{k}_{cid()[:8]}" for k in ("A", "B")}
     for s in slugs.values():
-        assert (await stack.request(CreateSegment(command_id=cid(), slug=s)))["status"] == "applied"
+        assert (await stack.request(CreateSegment(command_id=cid(), slug=s))).status == "applied"
     return slugs
 
 

@@ -32,7 +32,7 @@ async def dead_letters(stack: Stack) -> list:
 async def test_a_replay_of_1000_letters_applies_the_500_now_valid_and_does_not_loop(settings, monkeypatch):
     async with Stack(settings) as stack:
         seg = f"REPLAY_{cid()[:8]}"
-        assert (await stack.request(CreateSegment(command_id=cid(), slug=seg)))["status"] == "applied"
+        assert (await stack.request(CreateSegment(command_id=cid(), slug=seg))).status == "applied"
         monkeypatch.setattr(batch, "decode", older_worker_decode)
         commands = [UpdateUserSegments(command_id=f"replay-{i}", user_id=i, add=[seg]) for i in range(1, N + 1)]
         for i, c in enumerate(commands, 1):

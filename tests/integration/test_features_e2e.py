@@ -45,7 +45,7 @@ def moment(text: str | None) -> datetime | None:
 
 async def test_bulk_commands_racing_the_users_own_commands_keep_each_users_events_in_commit_order(stack):
     slug = f"RACE_{cid()[:8]}"
-    assert (await stack.request(CreateSegment(command_id=cid(), slug=slug)))["status"] == "applied"
+    assert (await stack.request(CreateSegment(command_id=cid(), slug=slug))).status == "applied"
     waiting = []
     for r in range(ROUNDS):  # everything in flight at once: the bulk (keyed by slug) and users (keyed by id)
         bulk = UpdateSegmentMembers(command_id=cid(), slug=slug, **({"add": USERS, "ttl_seconds": 1000 + r}
@@ -54,11 +54,11 @@ async def test_bulk_commands_racing_the_users_own_commands_keep_each_users_event
                                                                   {"add": [{"slug": slug, "ttl_seconds": 5000 + r}]}))
                for u in USERS[::7]]
         for c in [bulk, *own]:
-            waiting.append(stack.client.expect(c.command_id))
+            waiting.append(await stack.client.expect(c.command_id))
             await stack.client.send(c)
     results = await asyncio.wait_for(asyncio.gather(*waiting), 120)
-    assert {r["status"] for r in results} == {"applied"}
-    expected_events = sum(r["events"] for r in results)
+    assert {r.status for r in results} == {"applied"}
+    expected_events = sum(r.events for r in results)
 
     def ours() -> list[dict]:
         return [e for e in stack.collector.membership_events() if e["slug"] == slug]
@@ -78,12 +78,12 @@ async def test_bulk_commands_racing_the_users_own_commands_keep_each_users_event
 async def test_a_layer_at_100_percent_split_among_three_segments_through_kafka(stack):
     layer, slugs = f"L{cid()[:8]}", [f"D{n}_{cid()[:6]}" for n in (30, 50, 70)]
     users = list(range(10_001, 10_601))
-    assert (await stack.request(RegisterUsers(command_id=cid(), user_ids=users)))["status"] == "applied"
+    assert (await stack.request(RegisterUsers(command_id=cid(), user_ids=users))).status == "applied"
     for slug, percent in zip(slugs, ("33.34", "33.33", "33.33"), strict=True):
         r = await stack.request(CreateSegment(command_id=cid(), slug=slug, auto_percent=percent, layer=layer))
-        assert r["status"] == "applied"
+        assert r.status == "applied"
     full = await stack.request(CreateSegment(command_id=cid(), slug=f"X_{cid()[:6]}", auto_percent=1, layer=layer))
-    assert full["error"]["code"] == "LAYER_FULL"
+    assert full.error.code == "LAYER_FULL"
 
     async def all_out() -> bool:
         return sum(e["slug"] in slugs for e in stack.collector.membership_events()) >= len(users)

@@ -80,7 +80,7 @@ async def test_ttl_producer_failover(pg_admin_url, template_db, broker_bootstrap
             for user in range(1, 6):
                 added = await stack.request(UpdateUserSegments(
                     command_id=cid(), user_id=user, add=[{"slug": "T", "expires_at": expires.isoformat()}]))
-                assert added["status"] == "applied"
+                assert added.status == "applied"
             assert datetime.now(UTC) < expires  # the active one dies before the memberships are due
             active.send_signal(signal.SIGKILL)
             active.wait(10)
@@ -124,14 +124,14 @@ async def _outage(settings, proxy, api) -> None:
         ready = await api.get("/readyz")
         assert ready.status == 503 and (await ready.json())["checks"]["postgres"].startswith("unreachable")
         ids = [cid() for _ in range(20)]
-        waiting = [stack.client.expect(i) for i in ids]
+        waiting = [await stack.client.expect(i) for i in ids]
         for n, command_id in enumerate(ids):
             await stack.client.send(UpdateUserSegments(command_id=command_id, user_id=100 + n, add=["OUT"]))
         await asyncio.sleep(3)  # the worker retries with backoff meanwhile; nothing can be applied
         assert not any(w.done() for w in waiting)
         await proxy.set_mode("pass")
         results = await asyncio.wait_for(asyncio.gather(*waiting), 60)
-        assert all(r["status"] == "applied" and r["events"] == 1 for r in results)
+        assert all(r.status == "applied" and r.events == 1 for r in results)
         history = await stack.query("SELECT count(*) AS n FROM membership_history")
         assert history[0]["n"] == 20  # each applied once
         assert (await api.get("/readyz")).status == 200
@@ -166,6 +166,6 @@ async def test_stored_offsets_beyond_a_recreated_topics_end_start_again_at_its_b
     before = sample("segmentation_offset_resets_total", reason="beyond_log_end")
     async with Stack(settings) as stack:
         result = await stack.request(CreateSegment(command_id=cid(), slug="AFTER_RECREATE"), timeout=60)
-    assert result["status"] == "applied"  # not skipped as "already applied"
+    assert result.status == "applied"  # not skipped as "already applied"
     assert sample("segmentation_offset_resets_total", reason="beyond_log_end") >= before + 1
     assert any("beyond the end of the log" in r.getMessage() for r in caplog.records)

@@ -85,7 +85,7 @@ async def test_an_oversized_dead_letter_does_not_stall_the_relay(settings):
                          message="the dead letter written")
         # The dead letter is the same key and value plus ~250 bytes of headers: over the producer's limit.
         result = await stack.request(CreateSegment(command_id=cid(), slug="AFTER_POISON"), timeout=20)
-        assert result["status"] == "applied"
+        assert result.status == "applied"
 
 
 async def _insert_row(conn, event_id: str) -> None:

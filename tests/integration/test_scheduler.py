@@ -49,13 +49,13 @@ async def test_a_publisher_that_guesses_the_expiry_command_id_cannot_block_the_e
         expires_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
         r = await stack.request(UpdateUserSegments(command_id=cid(), user_id=42,
                                                    add=[{"slug": seg, "expires_at": expires_at}]))
-        assert r["status"] == "applied"
+        assert r.status == "applied"
         # The formula of the ids used to be public (sha256 of user, slug and time): a hostile publisher takes
         # the id first, with a body that does nothing (another expiry time), so the real command conflicts.
         digest = hashlib.sha256(f"42|{seg}|{format_time(expires_at)}".encode()).hexdigest()[:32]
         hostile = ExpireMembership(command_id=f"expire:42:{digest}", user_id=42, slug=seg,
                                    expires_at=expires_at - timedelta(days=1))
-        assert (await stack.request(hostile))["status"] == "applied"
+        assert (await stack.request(hostile)).status == "applied"
 
         async def gone() -> bool:
             rows = await stack.query("SELECT 1 FROM memberships m JOIN segments s ON s.id = m.segment_id "
@@ -95,7 +95,7 @@ async def test_a_schedule_whose_start_and_end_fall_in_the_same_second(settings):
         starts_at, expires_at = second + timedelta(milliseconds=200), second + timedelta(milliseconds=700)
         r = await stack.request(UpdateUserSegments(command_id=cid(), user_id=77, add=[
             {"slug": seg, "starts_at": starts_at, "expires_at": expires_at}]))
-        assert (r["status"], r["events"]) == ("applied", 0)
+        assert (r.status, r.events) == ("applied", 0)
 
         def events() -> list[tuple]:
             return [(e["change"], e["reason"], e["occurred_at"]) for e in stack.collector.membership_events()

@@ -11,9 +11,10 @@ from aiokafka.errors import KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
 from consumers.worker import CommandWorker
-from producers.publisher import CommandClient
+from producers.client import SegmentationClient
 from producers.relay import OutboxRelay
 from producers.ttl import TtlProducer
+from schemas import CommandResult
 from service.infra import db, kafka
 from service.infra.settings import Settings
 
@@ -84,9 +85,8 @@ class Stack:
             self.ttl = TtlProducer(s)
             self.stoppables.append(self.ttl)
             self.tasks.append(asyncio.create_task(self.ttl.run()))
-        self.client = CommandClient(s)
-        await self.client.__aenter__()
-        await self.client.listen()
+        self.client = SegmentationClient(s)
+        await self.client.start()
         self.collector = Collector(s)
         await self.collector.start()
         return self
@@ -102,11 +102,11 @@ class Stack:
         for s in self.stoppables:
             s.stop()
         await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
-        await self.client.__aexit__()
+        await self.client.close()
         await self.collector.stop()
         await self.pool.close()
 
-    async def request(self, command, timeout: float = 30.0) -> dict:
+    async def request(self, command, timeout: float = 30.0) -> CommandResult:
         return await self.client.request(command, timeout)
 
     async def send_raw(self, value: bytes, key: bytes | None = b"1") -> None:
