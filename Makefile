@@ -19,9 +19,10 @@ run: $(STAMP)
 	$(BIN)/segmentation dev
 
 # Two pytest workers (pytest-xdist), each with its own PostgreSQL and broker: most tests wait on servers, not CPU.
+# A module stays on one worker (--dist loadfile): its module-scoped stack starts once.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

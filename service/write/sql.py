@@ -132,7 +132,7 @@ NOTIFY_OUTBOX = "SELECT pg_notify('segmentation_outbox', '')"
 NOTIFY_TTL = "SELECT pg_notify('segmentation_ttl', $1)"
 
 # --- set-based fan-outs -------------------------------------------------------------------------------
-# A fan-out walks its users in id order through a cursor and changes them a slice at a time, all in one
+# A fan-out walks its users in id order, a key range at a time, and changes each slice, all in one
 # transaction: each statement handles at most one slice (FAN_OUT_SLICE users), short enough for a managed
 # database's statement_timeout, and no plan can make a slice cost the whole segment.
 # The slices are key ranges (after, upto] of user ids, each bound found by an index-only walk of at most a slice:

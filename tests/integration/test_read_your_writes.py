@@ -16,6 +16,7 @@ from tests.support.helpers import fast_settings, new_database, wait_until
 async def stack(pg_admin_url, template_db, broker_bootstrap):
     settings = fast_settings(await new_database(pg_admin_url), broker_bootstrap)
     async with Stack(settings) as s:
+        await s.request(CreateSegment(command_id=cid(), slug="RYW"))  # every test of the module uses it
         yield s
 
 
@@ -34,7 +35,6 @@ async def _listening(client) -> bool:
 
 @pytest.mark.timeout(600)
 async def test_a_thousand_publish_then_read_pairs_never_see_the_old_state(stack, http):
-    await stack.request(CreateSegment(command_id=cid(), slug="RYW"))
     stale = []
 
     async def pair(user_id: int) -> None:
