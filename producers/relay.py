@@ -80,6 +80,7 @@ class OutboxRelay(leader.LeaderLoop):
     async def lead(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener("segmentation_outbox", lambda *_: self.wake.set())
         self.shards = set()
+        metrics.OUTBOX_SHARDS.set(SHARDS)
         next_balance = next_backlog = 0.0
         try:
             while not self.stopping.is_set():
@@ -89,7 +90,9 @@ class OutboxRelay(leader.LeaderLoop):
                     await self.balance(conn)
                     next_balance = now + BALANCE_SECONDS
                 if now >= next_backlog:  # before publishing, so a relay stuck on a row still shows its backlog
-                    metrics.OUTBOX_BACKLOG.set(await conn.fetchval(sql.BACKLOG, sorted(self.shards)))
+                    backlog, oldest = await conn.fetchrow(sql.BACKLOG, sorted(self.shards))
+                    metrics.OUTBOX_BACKLOG.set(backlog)
+                    metrics.OUTBOX_OLDEST.set(oldest)
                     next_backlog = now + 5
                 sent = await self.publish_refused_again(conn)
                 try:
@@ -99,8 +102,9 @@ class OutboxRelay(leader.LeaderLoop):
                 if sent < self.settings.relay_batch_max:  # NOTIFY, the polling fallback, or the next balance
                     await leader.wait(self.wake, min(self.settings.relay_poll_seconds, next_balance - time.monotonic()))
         finally:
-            self.shards = set()  # the locks go with the connection
-            metrics.RELAY_SHARDS.set(0)
+            self.shards = set()  # the locks go with the connection, and with them what this relay reports
+            for gauge in (metrics.RELAY_SHARDS, metrics.OUTBOX_BACKLOG, metrics.OUTBOX_OLDEST):
+                gauge.set(0)
 
     async def balance(self, conn: asyncpg.Connection) -> None:
         """Lead a fair share of the shards: hand back what is over it, take free ones up to it."""

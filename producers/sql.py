@@ -15,7 +15,9 @@ DELETE FROM outbox WHERE seq = ANY(ARRAY(
     FOR UPDATE))
 RETURNING seq, kind, key, payload, event_id, headers::text AS headers, created_at
 """
-BACKLOG = "SELECT count(*) FROM outbox WHERE shard = ANY($1::smallint[])"
+# The rows waiting in the led shards, and how long the oldest has waited (0 when none).
+BACKLOG = """SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
+FROM outbox WHERE shard = ANY($1::smallint[])"""
 # Relays take the presence lock shared (the one-key form); shards are the two-key form (RELAY_LOCK, shard).
 _ADVISORY = "locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 RELAYS = f"SELECT count(*) FROM pg_locks WHERE {_ADVISORY} AND objsubid = 1 AND classid = 0 AND objid::bigint = $1"
@@ -33,6 +35,7 @@ WHERE m.expires_at IS NOT NULL AND m.expires_at <= $1
 ORDER BY m.expires_at, m.user_id, m.segment_id LIMIT $5
 """
 NEXT_EXPIRY = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at > $1"
+OLDEST_DUE_EXPIRY = "SELECT min(expires_at) FROM memberships WHERE expires_at IS NOT NULL AND expires_at <= $1"
 DUE_STARTS = """
 SELECT x.user_id, x.segment_id, s.slug, x.starts_at AS at
 FROM scheduled_memberships x JOIN segments s ON s.id = x.segment_id
@@ -40,6 +43,7 @@ WHERE x.starts_at <= $1 AND (x.starts_at, x.user_id, x.segment_id) > ($2, $3, $4
 ORDER BY x.starts_at, x.user_id, x.segment_id LIMIT $5
 """
 NEXT_START = "SELECT min(starts_at) FROM scheduled_memberships WHERE starts_at > $1"
+OLDEST_DUE_START = "SELECT min(starts_at) FROM scheduled_memberships WHERE starts_at <= $1"
 SCHEDULER_SECRET = "SELECT secret FROM scheduler_key"
 # How far the worker got on each partition of the commands topic (it stores its offsets with its effects).
 WORKER_POSITIONS = "SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2"

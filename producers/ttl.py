@@ -43,6 +43,7 @@ class End:
     kind: str  # "start" | "expire": the command id's prefix
     due: str
     next_due: str
+    oldest_due: str
     published: Counter
 
     def command(self, command_id: str, row: asyncpg.Record, now: datetime) -> ExpireMembership | StartMembership:
@@ -53,8 +54,8 @@ class End:
                                 expires_at=row["at"], issued_at=now)
 
 
-STARTS = End("start", sql.DUE_STARTS, sql.NEXT_START, metrics.TTL_STARTS)
-EXPIRIES = End("expire", sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, metrics.TTL_EXPIRIES)
+STARTS = End("start", sql.DUE_STARTS, sql.NEXT_START, sql.OLDEST_DUE_START, metrics.TTL_STARTS)
+EXPIRIES = End("expire", sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, sql.OLDEST_DUE_EXPIRY, metrics.TTL_EXPIRIES)
 ENDS = (STARTS, EXPIRIES)  # starts first: a start and its expiry due in one pass go out in that order
 
 
@@ -98,6 +99,15 @@ class TtlProducer(leader.LeaderLoop):
         loop = asyncio.get_running_loop()
         cursors = {end.kind: ORIGIN for end in ENDS}
         full_scan_at = loop.time() + FULL_SCAN_SECONDS
+        try:
+            await self.schedule(conn, cursors, full_scan_at)
+        finally:
+            for end in ENDS:  # a standby reports no lag: the leader that takes over does
+                metrics.TTL_LAG.labels(end.kind).set(0)
+
+    async def schedule(self, conn: asyncpg.Connection, cursors: dict[str, tuple], full_scan_at: float) -> None:
+        """Pass after pass until stopped: publish what is due, measure the lag, sleep until the next due item."""
+        loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
             self.wake.clear()
             now = datetime.now(UTC)
@@ -112,6 +122,7 @@ class TtlProducer(leader.LeaderLoop):
                 cursor = await self.publish_due(conn, end, now, cursors[end.kind], positions, seen)
                 # Next pass starts a little behind the cursor (late commits); `sent` keeps repeats out.
                 cursors[end.kind] = min(cursor, (now - LOOKBACK, 0, 0))
+                await measure_lag(conn, end)
             if seen is not None:
                 self.sent = {c: s for c, s in self.sent.items() if c in seen}
             nexts = [t for end in ENDS if (t := await conn.fetchval(end.next_due, now)) is not None]
@@ -129,12 +140,10 @@ class TtlProducer(leader.LeaderLoop):
     async def publish_due(self, conn: asyncpg.Connection, end: End, now: datetime, cursor: tuple,
                           positions: dict[int, int], seen: set[str] | None = None) -> tuple:
         """Publish every item of `end` due at `now` after `cursor` not published yet (or due again); returns the
-        new cursor. `seen` collects the ids of every due item. Sets the lag gauge to this pass's worst lateness."""
-        lag = 0.0
+        new cursor. `seen` collects the ids of every due item."""
         while True:
             rows = await conn.fetch(end.due, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
-                metrics.TTL_LAG.set(lag)
                 return cursor
             futures, ids = [], []
             for r in rows:
@@ -147,7 +156,6 @@ class TtlProducer(leader.LeaderLoop):
                 futures.append(await self.producer.send(
                     self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
                 ids.append(cid)
-                lag = max(lag, (datetime.now(UTC) - r["at"]).total_seconds())
             acknowledged = await self.acknowledged(futures)  # bounded: a leader that cannot publish steps down
             at = asyncio.get_running_loop().time()
             self.sent.update({cid: Sent(m.partition, m.offset, at) for cid, m in zip(ids, acknowledged, strict=True)})
@@ -159,8 +167,15 @@ class TtlProducer(leader.LeaderLoop):
             last = rows[-1]
             cursor = (last["at"], last["user_id"], last["segment_id"])
             if len(rows) < self.settings.ttl_batch_max:
-                metrics.TTL_LAG.set(lag)
                 return cursor
+
+
+async def measure_lag(conn: asyncpg.Connection, end: End) -> None:
+    """The lag of `end`: how long its oldest item due has been waiting, whether for the scheduler or the worker
+    (an item leaves the table when the worker applies its command)."""
+    now = datetime.now(UTC)
+    oldest = await conn.fetchval(end.oldest_due, now)
+    metrics.TTL_LAG.labels(end.kind).set(0.0 if oldest is None else (now - oldest).total_seconds())
 
 
 async def main(settings: Settings) -> None:

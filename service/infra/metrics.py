@@ -14,7 +14,10 @@ CONSUMER_LAG = Gauge("segmentation_consumer_lag", "Records behind the partition'
 OFFSET_RESETS = Counter("segmentation_offset_resets_total",
                         "Partitions whose stored offset the log no longer holds", ["reason"])
 BATCH_RETRIES = Counter("segmentation_batch_retries_total", "Batches retried after a database or broker error")
-OUTBOX_BACKLOG = Gauge("segmentation_outbox_backlog", "Outbox rows not published yet")
+OUTBOX_BACKLOG = Gauge("segmentation_outbox_backlog", "Outbox rows not published yet in the shards this relay leads")
+OUTBOX_OLDEST = Gauge("segmentation_outbox_oldest_seconds",
+                      "Age of the oldest outbox row not published yet in the shards this relay leads (0: none)")
+OUTBOX_SHARDS = Gauge("segmentation_outbox_shards", "Shards the outbox is cut into (the relays lead them all)")
 OUTBOX_PUBLISHED = Counter("segmentation_outbox_published_total", "Outbox rows published", ["kind"])
 OUTBOX_DROPPED = Counter("segmentation_outbox_dropped_total", "Outbox rows skipped: refused as too large")
 OUTBOX_REFUSED = Counter("segmentation_outbox_refused_total", "Batches a topic refused (their rows wait)", ["kind"])
@@ -22,7 +25,9 @@ PUBLISH_LATENCY = Histogram("segmentation_outbox_publish_latency_seconds", "From
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 TTL_EXPIRIES = Counter("segmentation_ttl_expiries_published_total", "ExpireMembership commands published")
 TTL_STARTS = Counter("segmentation_ttl_starts_published_total", "StartMembership commands published")
-TTL_LAG = Gauge("segmentation_ttl_lag_seconds", "How late the last expiry command was published after its time")
+TTL_LAG = Gauge("segmentation_ttl_lag_seconds",
+                "How long the oldest item due (an expiry or a scheduled start) has been waiting for the worker (0: none)",
+                ["kind"])
 RELAY_ACTIVE = Gauge("segmentation_relay_active", "1 while this relay takes part (connected, sharing the shards)")
 RELAY_SHARDS = Gauge("segmentation_relay_shards", "Outbox shards this relay leads")
 TTL_ACTIVE = Gauge("segmentation_ttl_active", "1 while this TTL producer holds the lock")

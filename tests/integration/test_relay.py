@@ -266,3 +266,29 @@ async def test_a_leader_that_cannot_publish_steps_down(conn, settings, monkeypat
         first.stop()
         standby.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)  # stopping is bounded too
+
+
+# --- what the relay reports for the alerts (deploy/prometheus/alerts.yml) ---------------------------------------
+
+def _gauge(gauge) -> float:
+    return gauge._value.get()
+
+
+async def test_the_relay_reports_its_backlog_and_its_oldest_row_and_a_relay_that_stops_reports_none(
+        conn, settings, monkeypatch):
+    broker_answers(monkeypatch, lambda tp, _: TopicAuthorizationFailedError(tp.topic)
+                   if tp.topic == settings.dlq_topic else None)
+    await conn.execute("INSERT INTO outbox (kind, key, payload, event_id, created_at) "
+                       "VALUES ('dlq', 'k', 'not json', 'd1', now() - interval '20 seconds')")
+    relay = OutboxRelay(settings)
+    task = asyncio.create_task(relay.run())
+    try:
+        async def reported() -> bool:
+            return _gauge(metrics.OUTBOX_BACKLOG) == 1 and _gauge(metrics.OUTBOX_OLDEST) >= 20
+        await wait_until(reported, 15, message="the refused row reported as waiting")
+        assert _gauge(metrics.RELAY_SHARDS) == _gauge(metrics.OUTBOX_SHARDS) == SHARDS
+    finally:
+        relay.stop()
+        await task
+    # The row still waits, but no longer in shards this relay leads: what it said must not count any more.
+    assert [_gauge(g) for g in (metrics.OUTBOX_BACKLOG, metrics.OUTBOX_OLDEST, metrics.RELAY_SHARDS)] == [0, 0, 0]

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from producers import ttl as scheduler
 from schemas import CreateSegment, ExpireMembership, UpdateUserSegments
 from schemas.common import format_time
+from service.infra import metrics
 from tests.support.batch import Feeder, create, update_user
 from tests.support.harness import FakeProducer, Stack, cid, read_all
 from tests.support.helpers import wait_until
@@ -111,3 +112,26 @@ async def test_a_schedule_whose_start_and_end_fall_in_the_same_second(settings):
         history = await stack.query("SELECT operation, reason, occurred_at FROM membership_history "
                                     "WHERE slug = $1 ORDER BY id", seg)
         assert [tuple(h) for h in history] == [("added", "scheduled", starts_at), ("removed", "expired", expires_at)]
+
+
+def _lag(kind: str) -> float:
+    return metrics.TTL_LAG.labels(kind)._value.get()
+
+
+async def test_the_lag_counts_how_long_due_items_wait_for_the_worker_and_a_standby_reports_none(conn, settings):
+    """No worker applies what the scheduler publishes: the lag of both ends keeps the age of their oldest due item,
+    pass after pass, not only on the pass that published it."""
+    f = Feeder(conn, now=datetime.now(UTC) - timedelta(minutes=5))  # the commands applied five minutes ago
+    await f.apply(create("A"),
+                  update_user("u1", 1, add=[{"slug": "A", "expires_at": (f.now + timedelta(minutes=1)).isoformat()}]),
+                  update_user("u2", 2, add=[{"slug": "A", "starts_at": (f.now + timedelta(seconds=30)).isoformat()}]))
+    producer = scheduler.TtlProducer(settings.model_copy(update={"ttl_max_sleep_seconds": 0.1}))
+    task = asyncio.create_task(producer.run())
+    try:
+        await wait_until(lambda: _published_at_least(producer, 2), 15, message="both items published")
+        await asyncio.sleep(0.5)  # several passes later, the worker still has not applied them
+        assert 235 <= _lag("expire") < 300 and 265 <= _lag("start") < 330
+    finally:
+        producer.stop()
+        await asyncio.wait_for(task, 30)
+    assert (_lag("expire"), _lag("start")) == (0, 0)
