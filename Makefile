@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PROMTOOL := $(BIN)/promtool
 
 .PHONY: run test lint chaos install bench schemas lock clean
 
@@ -24,10 +25,26 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) $(PROMTOOL)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
+	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
+	$(PROMTOOL) test rules deploy/prometheus/alerts_test.yml
+
+# promtool, for the alert rules: from Debian's prometheus package, unpacked into the venv (the server is not installed).
+$(PROMTOOL): | $(STAMP)
+	@command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "make: promtool comes from Debian's" \
+	  "prometheus package (apt-get download + dpkg -x) and this machine has no apt-get/dpkg: put a promtool" \
+	  "binary at $(PROMTOOL) by hand" >&2; exit 1; }
+	rm -rf $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
+	cd $(VENV)/prometheus-deb && { apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && \
+	  apt-get download -qq prometheus; } || { echo "make: apt-get download prometheus failed (see above)" >&2; exit 1; }; }
+	dpkg -x $(VENV)/prometheus-deb/prometheus_*.deb $(VENV)/prometheus-deb/root
+	mv $(VENV)/prometheus-deb/root/usr/bin/promtool $(PROMTOOL)
+	rm -rf $(VENV)/prometheus-deb
+	$(PROMTOOL) --version | head -1
 
 # Every measure of the performance table beside the naive baselines of ../shared/bench; BENCH_ARGS e.g.
 # "--workers 2 --relays 2". The read measure needs wrk (installed with apt-get when missing, as root).

@@ -1,5 +1,6 @@
 """docker-compose.yml: valid Compose, and every container of our image runs a real CLI subcommand."""
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -92,3 +93,60 @@ def test_background_processes_have_a_healthcheck_and_time_to_stop(compose):
     for name in ("worker", "relay", "ttl"):
         assert services[name]["healthcheck"]["test"][-1].endswith('9100/metrics", timeout=3)')
         assert services[name]["stop_grace_period"] == "15s"  # more than the 7 s the process gives its batch
+
+
+# --- monitoring: Prometheus and Grafana, provisioned from deploy/ ---------------------------------------------
+
+MONITORING = {"prometheus": "prom/prometheus", "grafana": "grafana/grafana"}
+
+
+def _bind_mounts(service: dict) -> dict[str, Path]:
+    """Container path -> host path of each bind mount (`./host:/container[:ro]`)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        if host.startswith("."):
+            mounts[container] = (ROOT / host).resolve()
+    return mounts
+
+
+def test_monitoring_images_are_pinned_and_healthchecked_and_their_mounts_exist(compose):
+    for name, image in MONITORING.items():
+        service = compose["services"][name]
+        repository, _, tag = service["image"].partition(":")
+        assert repository == image and re.fullmatch(r"v?\d+\.\d+\.\d+", tag), (name, service["image"])
+        assert service["healthcheck"]["test"][0] == "CMD", name
+        mounts = _bind_mounts(service)
+        assert mounts, name
+        for container, host in mounts.items():
+            assert host.exists() and str(host).startswith(str(ROOT / "deploy")), (name, container, host)
+        assert set(compose["volumes"]) >= {v.split(":")[0] for v in service["volumes"] if not v.startswith(".")}
+    assert compose["services"]["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+
+
+def test_prometheus_loads_its_rules_and_scrapes_every_process_on_its_port(compose, ours):
+    mounts = _bind_mounts(compose["services"]["prometheus"])
+    config_path = next(c for c in compose["services"]["prometheus"]["command"] if c.startswith("--config.file="))
+    config = yaml.safe_load(mounts[config_path.split("=", 1)[1]].read_text())
+    for rule_file in config["rule_files"]:  # relative to the config file, in the container as on the host
+        assert f"/etc/prometheus/{rule_file}" in mounts, rule_file
+    ports = {"api": ours["api"]["environment"]["HTTP_PORT"]}
+    ports |= {name: ours[name]["environment"]["METRICS_PORT"] for name in ("worker", "relay", "ttl")}
+    scraped = {job["job_name"]: job["dns_sd_configs"] for job in config["scrape_configs"]}
+    assert set(scraped) == set(ports)
+    for name, port in ports.items():
+        assert scraped[name] == [{"names": [name], "type": "A", "port": int(port)}], name
+        assert str(port) in (ours[name].get("expose", []) + [p.split(":")[-1] for p in ours[name].get("ports", [])])
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboards_folder(compose):
+    mounts = _bind_mounts(compose["services"]["grafana"])
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert [d["url"] for d in datasources] == ["http://prometheus:9090"]
+    providers = yaml.safe_load((provisioning / "dashboards" / "segmentation.yml").read_text())["providers"]
+    for provider in providers:
+        folder = mounts[provider["options"]["path"]]
+        assert list(folder.glob("*.json")), folder
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (mounts[str(Path(home).parent)] / Path(home).name).exists()
