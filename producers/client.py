@@ -83,9 +83,11 @@ def identity(item: Received) -> tuple:
 
 class Subscription:
     """An async iterator of the typed messages of some topics, each delivered once (deduplicated over the last
-    `dedup_window` messages). Positioned when entered (`async with`) or at the first iteration."""
+    `dedup_window` messages). Positioned when entered (`async with`) or at the first iteration. Made by
+    `SegmentationClient.subscribe`, or directly from settings (it needs no producer; the CLI's `watch`)."""
 
-    def __init__(self, settings: Settings, kinds: Iterable[Kind], from_beginning: bool, dedup_window: int):
+    def __init__(self, settings: Settings, kinds: Iterable[Kind] = EVENT_KINDS, *, from_beginning: bool = False,
+                 dedup_window: int = 100_000):
         names = topics(settings)
         self.kinds = {names[k]: k for k in kinds}
         self.from_beginning = from_beginning
@@ -276,7 +278,7 @@ class SegmentationClient:
         Without a consumer group: every subscription reads every partition and commits nothing. Use it as
         `async with client.subscribe() as events: async for event in events: ...`.
         """
-        return Subscription(self.settings, kinds, from_beginning, dedup_window)
+        return Subscription(self.settings, kinds, from_beginning=from_beginning, dedup_window=dedup_window)
 
 
 def as_command(command: Command | Mapping[str, Any]) -> Command:

@@ -8,10 +8,14 @@ import sys
 import uuid
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from service.infra.settings import Settings
+
+if TYPE_CHECKING:
+    from service.write.outbox import Kind
 
 app = typer.Typer(help="segmentation: commands in through Kafka, memberships in PostgreSQL, events out.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -339,52 +343,93 @@ def dlq_replay(code: str | None = DLQ_CODE, limit: int = DLQ_LIMIT,
 
 # ---- watch and report ---------------------------------------------------------------------------------
 
+# What the messages of each topic carry, for the filters of `watch`: their `type` values (None: any command
+# type) and the fields the other filters look at.
+WATCH_TYPES: dict[Kind, set[str] | None] = {"membership": {"MembershipChanged"}, "segment": {"SegmentChanged"},
+                                           "result": None, "dlq": set()}
+WATCH_FIELDS: dict[Kind, set[str]] = {"membership": {"user_id", "slug", "change"}, "segment": {"slug", "change"},
+                                      "result": set(), "dlq": set()}
+CHANGES = ("added", "removed", "created", "updated", "deleted")
+
+
 @app.command()
 def watch(
-    topic: list[str] = typer.Option(["membership", "segment", "result", "dlq"], "--topic",
-                                    help="membership, segment, result (or results), dlq (repeatable)."),
+    topic: list[str] = typer.Option([], "--topic", help="membership, segment, result (or results), dlq "
+                                    "(repeatable; default: every topic whose messages can match the filters)."),
+    user: list[int] = typer.Option([], "--user", help="Only events of this user id (repeatable)."),
+    slug: list[str] = typer.Option([], "--slug", help="Only events of this segment (repeatable)."),
+    type_: list[str] = typer.Option([], "--type", help="Only messages of this type: MembershipChanged, "
+                                    "SegmentChanged, or a command's type for results (repeatable)."),
+    change: list[str] = typer.Option([], "--change", help="Only events of this change: added, removed, created, "
+                                     "updated, deleted (repeatable)."),
     from_beginning: bool = typer.Option(False, help="Start at the oldest message, not the newest."),
     limit: int = typer.Option(0, help="Stop after this many messages (0: never)."),
 ) -> None:
-    """Print events as they arrive, one JSON line each."""
-    from service.infra import kafka
-    from service.write import outbox
+    """Print events, results and dead letters as they arrive, one JSON line each, each once (deduplicated by
+    event_id). A message is printed when it matches every filter given (any value of a repeated one)."""
+    from producers.client import InvalidMessageError, Subscription
+    from schemas.commands import COMMAND_TYPES
 
-    settings = Settings()
-    names = outbox.topics(settings)
-    names["results"] = names["result"]  # the name this option had first
-    unknown = [t for t in topic if t not in names]
-    if unknown:
-        typer.echo(f"unknown topic: {', '.join(unknown)}", err=True)
+    kinds = [{"results": "result"}.get(t, t) for t in topic] or list(WATCH_TYPES)  # "results": its first name
+    known_types = {"MembershipChanged", "SegmentChanged", *COMMAND_TYPES}
+    problems = [f"unknown topic {t!r} (one of membership, segment, result, dlq)" for t in kinds
+                if t not in WATCH_TYPES]
+    problems += [f"unknown --type {t!r} (one of {', '.join(sorted(known_types))})" for t in type_
+                 if t not in known_types]
+    problems += [f"unknown --change {c!r} (one of {', '.join(CHANGES)})" for c in change if c not in CHANGES]
+    if problems:
+        typer.echo("; ".join(problems), err=True)
         raise typer.Exit(2)
+    wanted: dict[str, set] = {"user_id": set(user), "slug": set(slug), "change": set(change), "type": set(type_)}
+    fields = {name for name, values in wanted.items() if values} - {"type"}
+    matching = [k for k in WATCH_TYPES if k in kinds and fields <= WATCH_FIELDS[k]
+                and (not type_ or (types := WATCH_TYPES[k]) is None or bool(types & wanted["type"]))]
+    if not matching:
+        typer.echo(f"no message of {', '.join(kinds)} can match these filters", err=True)
+        raise typer.Exit(2)
+    filtered = any(wanted.values())
+    settings = Settings()
+
+    def selected(item: object) -> bool:
+        return all(getattr(item, name, None) in values for name, values in wanted.items() if values)
 
     async def go() -> None:
-        consumer = kafka.consumer(settings, *[names[t] for t in topic], group=None,
-                                  auto_offset_reset="earliest" if from_beginning else "latest")
-        await consumer.start()
-        seen = 0
-        try:
-            async for msg in consumer:
+        printed = 0
+        async with Subscription(settings, matching, from_beginning=from_beginning) as messages:
+            typer.echo(f"watching {', '.join(matching)} from the {'beginning' if from_beginning else 'end'}",
+                       err=True)
+            while not limit or printed < limit:
+                error = None
                 try:
-                    value = json.loads(msg.value) if msg.value is not None else None  # None: a tombstone
-                except ValueError:
-                    value = msg.value.decode(errors="replace")
-                headers = {k: v.decode(errors="replace") for k, v in msg.headers}
-                line = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
-                        "key": msg.key.decode(errors="replace") if msg.key else None, "value": value}
-                if msg.topic == settings.dlq_topic:
-                    line["headers"] = headers
-                typer.echo(json.dumps(line))
-                seen += 1
-                if limit and seen >= limit:
-                    return
-        finally:
-            await consumer.stop()
+                    if not selected(await anext(messages)):
+                        continue
+                except InvalidMessageError as exc:  # printed as it is, unless a filter asks for fields
+                    if filtered:
+                        continue
+                    error = str(exc)
+                assert messages.record is not None  # set by every message read
+                typer.echo(json.dumps(_watch_line(messages.record, error, settings.dlq_topic)))
+                printed += 1
 
     try:
         asyncio.run(go())
     except KeyboardInterrupt:
         pass
+
+
+def _watch_line(record, error: str | None, dlq_topic: str) -> dict:
+    """What `watch` prints of one record: where it is, its key, its value as published (and a letter's headers)."""
+    try:
+        value = json.loads(record.value) if record.value is not None else None  # None: a tombstone
+    except ValueError:
+        value = record.value.decode(errors="replace")
+    line = {"topic": record.topic, "partition": record.partition, "offset": record.offset,
+            "key": record.key.decode(errors="replace") if record.key else None, "value": value}
+    if record.topic == dlq_topic:
+        line["headers"] = {k: v.decode(errors="replace") for k, v in record.headers}
+    if error is not None:
+        line["error"] = error
+    return line
 
 
 @app.command()
