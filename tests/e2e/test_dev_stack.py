@@ -11,14 +11,7 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.dev.supervisor import child_stack
 from tests.support.helpers import ROOT, wait_until
-
-
-@pytest.fixture(scope="module")
-def dev():
-    with child_stack() as settings:
-        yield settings
 
 
 async def test_plain_kafka_client_and_http(dev):
