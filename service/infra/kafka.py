@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Awaitable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
 
 from service.infra.settings import Settings
 
@@ -17,16 +19,98 @@ def client_options(settings: Settings) -> dict:
     """Bootstrap servers plus SASL (PLAIN, SCRAM-SHA-256/512) and TLS, as the settings say."""
     opts: dict = {"bootstrap_servers": settings.kafka_bootstrap_servers,
                   "security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
-        if settings.kafka_ssl_certfile:
-            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
-        opts["ssl_context"] = context
+    if uses_tls(settings):
+        opts["ssl_context"] = ssl_context(settings)
     if settings.kafka_security_protocol.startswith("SASL"):
         opts["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
         opts["sasl_plain_username"] = settings.kafka_sasl_username
         opts["sasl_plain_password"] = settings.kafka_sasl_password
     return opts
+
+
+def uses_tls(settings: Settings) -> bool:
+    return settings.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verifies the broker's certificate and host name against KAFKA_SSL_CAFILE (the system's CAs if unset);
+    presents the client certificate when one is set (mutual TLS)."""
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+    return context
+
+
+async def tls_failure(settings: Settings) -> str | None:
+    """Why TLS with the bootstrap servers fails, or None (no TLS, or nothing wrong with it). aiokafka only logs
+    the reason and raises "Unable to bootstrap"; this handshake, made again, names it."""
+    if not uses_tls(settings):
+        return None
+    context = ssl_context(settings)
+    for server in settings.kafka_bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port), ssl=context, server_hostname=host.strip("[]")), 5)
+        except ssl.SSLError as exc:
+            hint = " (is the broker's CA in KAFKA_SSL_CAFILE?)" if isinstance(exc, ssl.SSLCertVerificationError) else ""
+            return f"TLS with {host}:{port} failed: {exc.strerror or exc}{hint}"
+        except (OSError, TimeoutError, ValueError):
+            continue
+        try:  # with TLS 1.3 a server that wants a client certificate refuses it after the handshake
+            await asyncio.wait_for(reader.read(1), 0.5)
+        except ssl.SSLError as exc:
+            hint = (" (the broker wants a client certificate: KAFKA_SSL_CERTFILE, KAFKA_SSL_KEYFILE)"
+                    if "CERTIFICATE_REQUIRED" in str(exc) else "")
+            return f"TLS with {host}:{port} failed: {exc.strerror or exc}{hint}"
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+    return None
+
+
+async def _start(start: Awaitable[None], settings: Settings) -> None:
+    try:
+        await start
+    except KafkaConnectionError as exc:
+        reason = await tls_failure(settings)
+        if reason is None:
+            raise
+        raise KafkaConnectionError(f"{exc.args[0] if exc.args else exc}: {reason}") from exc
+
+
+class Producer(AIOKafkaProducer):
+    """An aiokafka producer whose failed start says why TLS failed."""
+
+    def __init__(self, settings: Settings, **options):
+        super().__init__(**options)
+        self.settings = settings
+
+    async def start(self) -> None:
+        await _start(super().start(), self.settings)
+
+
+class Consumer(AIOKafkaConsumer):
+    """An aiokafka consumer whose failed start says why TLS failed."""
+
+    def __init__(self, settings: Settings, *topics: str, **options):
+        super().__init__(*topics, **options)
+        self.settings = settings
+
+    async def start(self) -> None:
+        await _start(super().start(), self.settings)
+
+
+class Admin(AIOKafkaAdminClient):
+    """An aiokafka admin client whose failed start says why TLS failed."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(**client_options(settings))
+        self.settings = settings
+
+    async def start(self) -> None:
+        await _start(super().start(), self.settings)
 
 
 def producer_options(settings: Settings) -> dict:
@@ -43,7 +127,7 @@ def producer_options(settings: Settings) -> dict:
 
 def producer(settings: Settings, **overrides) -> AIOKafkaProducer:
     """A producer from settings; `overrides` win (tests and benchmarks)."""
-    return AIOKafkaProducer(**(producer_options(settings) | overrides))
+    return Producer(settings, **(producer_options(settings) | overrides))
 
 
 def _acks(value: str):
@@ -62,7 +146,7 @@ def consumer(settings: Settings, *topics: str, group: str | None, **overrides) -
         "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
-    return AIOKafkaConsumer(*topics, **(opts | overrides))
+    return Consumer(settings, *topics, **(opts | overrides))
 
 
 async def assign_all(consumer: AIOKafkaConsumer, *topics: str, timeout: float = 30.0) -> list[TopicPartition]:
@@ -104,7 +188,7 @@ TOPIC_ALREADY_EXISTS = 36
 
 async def create_topics(settings: Settings) -> list[str]:
     """Create the topics that do not exist yet; returns the names created. Raises if Kafka refuses one."""
-    admin = AIOKafkaAdminClient(**client_options(settings))
+    admin = Admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
