@@ -1,5 +1,7 @@
 """One `Settings` object, read from environment variables (names are the field names, upper-cased)."""
-from pydantic import Field
+from typing import Literal, Self
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import topics
@@ -35,8 +37,8 @@ class Settings(BaseSettings):
     kafka_linger_ms: int = 5
     kafka_compression_type: str | None = None
     kafka_max_request_size: int = 4 * 1024 * 1024  # uncompressed; the commands and DLQ topics get it as max.message.bytes
-    kafka_security_protocol: str = "PLAINTEXT"
-    kafka_sasl_mechanism: str | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: str | None = None
     kafka_ssl_cafile: str | None = None
@@ -69,3 +71,16 @@ class Settings(BaseSettings):
     db_tcp_keepalives_count: int = Field(default=3, ge=0)
     fan_out_slice: int = Field(default=20_000, ge=1)  # users per statement of a segment fan-out
     batch_retries_alone: int = Field(default=5, ge=1)  # failed retries (not connection loss), then record by record
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sasl_credentials(self) -> Self:
+        if self.kafka_security_protocol.startswith("SASL") and (
+                self.kafka_sasl_username is None or self.kafka_sasl_password is None):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs KAFKA_SASL_USERNAME and "
+                             "KAFKA_SASL_PASSWORD")
+        return self
