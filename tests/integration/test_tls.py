@@ -20,7 +20,7 @@ from schemas import CreateSegment, UpdateUserSegments
 from service.infra import kafka
 from tests.support.harness import Collector, cid
 from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
-from tests.support.tls import another_ca, tls_broker
+from tests.support.tls import make_certificates, tls_broker
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,12 @@ def tls_folder(tmp_path_factory) -> Path:
 def tls(tls_folder):
     with tls_broker(tls_folder) as broker:
         yield broker
+
+
+@pytest.fixture(scope="module")
+def other_ca(tls_folder) -> Path:
+    """A CA that signed nothing the broker has."""
+    return make_certificates(tls_folder / "other").ca
 
 
 def security(bootstrap, certs, **changes) -> dict:
@@ -89,10 +95,9 @@ async def _refused(settings) -> str:
     return str(refused.value)
 
 
-async def test_a_client_that_does_not_trust_the_ca_is_refused_and_told_why(tls, tls_folder, database_url):
+async def test_a_client_that_does_not_trust_the_ca_is_refused_and_told_why(tls, other_ca, database_url):
     bootstrap, certs = tls
-    settings = fast_settings(database_url, bootstrap, **security(bootstrap, certs,
-                                                                 kafka_ssl_cafile=str(another_ca(tls_folder))))
+    settings = fast_settings(database_url, bootstrap, **security(bootstrap, certs, kafka_ssl_cafile=str(other_ca)))
     message = await _refused(settings)
     assert "certificate verify failed" in message and bootstrap in message, message
 
@@ -105,10 +110,9 @@ async def test_a_client_without_a_certificate_is_refused_and_told_why(tls, datab
     assert "certificate required" in message and bootstrap in message, message
 
 
-async def test_the_cli_says_why_it_cannot_connect(tls, tls_folder, database_url):
+async def test_the_cli_says_why_it_cannot_connect(tls, other_ca, database_url):
     bootstrap, certs = tls
-    settings = fast_settings(database_url, bootstrap, **security(bootstrap, certs,
-                                                                 kafka_ssl_cafile=str(another_ca(tls_folder))))
+    settings = fast_settings(database_url, bootstrap, **security(bootstrap, certs, kafka_ssl_cafile=str(other_ca)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "send", "create-segment", "NEVER", env=settings_env(settings), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

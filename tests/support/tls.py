@@ -1,4 +1,5 @@
-"""TLS in front of the embedded broker, for tests: certificates made here (trustme) and stunnel terminating TLS.
+"""TLS in front of the embedded broker, for tests: certificates made by deploy/tls/make-certs.sh (the script the
+compose TLS example uses) and stunnel terminating TLS.
 
 The broker (Tansu 0.6.0) serves no TLS itself (`--cert` and `--key` exclude each other, `--cert` alone answers a
 handshake with nothing), so stunnel listens for TLS and forwards plain Kafka to it, and the broker advertises the
@@ -6,7 +7,7 @@ stunnel port: every connection of a client, the bootstrap and the ones metadata 
 
 stunnel is Debian's `stunnel4` package, fetched once with `apt-get download` and unpacked with `dpkg -x` into a
 cache (`~/.cache/segmentation/stunnel4`), with the libraries it needs that the machine lacks; nothing is installed.
-If it cannot be fetched, `stunnel_binary` raises: the TLS tests fail, they never skip.
+If it cannot be fetched, `stunnel_command` raises: the TLS tests fail, they never skip.
 """
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import trustme
-
 from service.dev import embedded
+from tests.support.helpers import ROOT
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segmentation" / "stunnel4"
 
@@ -96,26 +96,12 @@ class Certificates:
 
 
 def make_certificates(folder: Path) -> Certificates:
-    ca = trustme.CA(organization_name="segmentation test CA")
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("segmentation-client@example.test")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = Certificates(*(folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
-    ca.cert_pem.write_to_path(str(paths.ca))
-    for blob in server.cert_chain_pems:
-        blob.write_to_path(str(paths.server_cert), append=True)
-    server.private_key_pem.write_to_path(str(paths.server_key))
-    for blob in client.cert_chain_pems:
-        blob.write_to_path(str(paths.client_cert), append=True)
-    client.private_key_pem.write_to_path(str(paths.client_key))
-    return paths
-
-
-def another_ca(folder: Path) -> Path:
-    """The certificate of a CA that signed nothing here: a client trusting only it must refuse the broker."""
-    path = folder / "other-ca.pem"
-    trustme.CA(organization_name="some other CA").cert_pem.write_to_path(str(path))
-    return path
+    """A new CA and certificates signed by it, for 127.0.0.1 and localhost."""
+    done = subprocess.run(["sh", str(ROOT / "deploy/tls/make-certs.sh"), str(folder), "127.0.0.1", "localhost"],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"make-certs.sh failed ({done.returncode}): {done.stderr.strip()}")
+    return Certificates(*(folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
 
 
 @contextmanager
