@@ -1,7 +1,11 @@
-"""docker-compose.yml: valid Compose, and every container of our image runs a real CLI subcommand."""
+"""docker-compose.yml: valid Compose, and every container of our image runs a real CLI subcommand; the TLS override
+connects every process to a TLS listener with certificates from deploy/tls/make-certs.sh."""
+import asyncio
 import json
 import re
 import shlex
+import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,8 @@ import yaml
 from jsonschema import Draft7Validator
 
 from service.cli.main import app
+from service.infra import kafka
+from service.infra.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"  # the Compose Specification's JSON schema
@@ -81,8 +87,6 @@ def test_scaling_and_kafka_producer_settings(ours):
 
 
 def test_environment_names_are_settings_fields(ours):
-    from service.infra.settings import Settings
-
     fields = {name.upper() for name in Settings.model_fields}
     for name, service in ours.items():
         assert set(service["environment"]) <= fields, (name, set(service["environment"]) - fields)
@@ -150,3 +154,93 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboards_folder(co
         assert list(folder.glob("*.json")), folder
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (mounts[str(Path(home).parent)] / Path(home).name).exists()
+
+
+# ---- docker-compose.tls.yml: mutual TLS to Kafka, laid over docker-compose.yml ----------------------------------
+
+@pytest.fixture(scope="module")
+def tls_compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())
+
+
+def _listeners(value: str) -> dict[str, str]:
+    """"NAME://host:port,..." as {NAME: "host:port"}."""
+    return dict(item.split("://") for item in value.split(","))
+
+
+def _container_path(volumes: list[str], path: str, host: Path) -> Path:
+    """Where `path` inside a container is on `host`, through the service's bind mounts of ./certs."""
+    for volume in volumes:
+        source, target, *_ = volume.split(":")
+        if path.startswith(target + "/"):
+            assert source == "./certs"
+            return host / path[len(target) + 1:]
+    raise AssertionError(f"{path} is in no mounted folder")
+
+
+def test_the_tls_override_follows_the_compose_specification(tls_compose, ours):
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    assert [f"{e.json_path}: {e.message}" for e in Draft7Validator(schema).iter_errors(tls_compose)] == []
+    assert set(tls_compose["services"]) == set(ours) | {"kafka"}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """What the override's first line makes: deploy/tls/make-certs.sh certs kafka localhost."""
+    folder = tmp_path_factory.mktemp("certs")
+    subprocess.run(["sh", str(ROOT / "deploy/tls/make-certs.sh"), str(folder), "kafka", "localhost"], check=True,
+                   capture_output=True, timeout=60)
+    return folder
+
+
+def test_the_tls_listener_is_the_one_every_process_uses(tls_compose, compose, ours, certs):
+    base = compose["services"]["kafka"]["environment"]
+    kafka = base | tls_compose["services"]["kafka"]["environment"]
+    advertised = _listeners(kafka["KAFKA_ADVERTISED_LISTENERS"])
+    protocols = dict(pair.split(":") for pair in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(_listeners(kafka["KAFKA_LISTENERS"])) == set(protocols)  # every listener has a protocol
+    assert "SSL" not in advertised and "SASL_SSL" not in advertised  # the image's script would want JKS stores
+    for name in ours:
+        env = ours[name]["environment"] | tls_compose["services"][name]["environment"]
+        settings = Settings(**{k.lower(): v for k, v in env.items()})
+        [listener] = [n for n, address in advertised.items() if address == settings.kafka_bootstrap_servers]
+        assert protocols[listener] == settings.kafka_security_protocol == "SSL", name
+        prefix = f"KAFKA_LISTENER_NAME_{listener}_SSL_"
+        assert kafka[prefix + "CLIENT_AUTH"] == "required" and settings.kafka_ssl_certfile, name
+        volumes = tls_compose["services"][name]["volumes"]
+        for path in (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile):
+            assert _container_path(volumes, path, certs).is_file(), (name, path)
+    stores = tls_compose["services"]["kafka"]["volumes"]
+    keystore = _container_path(stores, kafka[prefix + "KEYSTORE_LOCATION"], certs).read_text()
+    assert kafka[prefix + "KEYSTORE_TYPE"] == kafka[prefix + "TRUSTSTORE_TYPE"] == "PEM"
+    assert keystore.startswith("-----BEGIN PRIVATE KEY-----") and "BEGIN CERTIFICATE" in keystore  # PKCS#8, then the chain
+    assert _container_path(stores, kafka[prefix + "TRUSTSTORE_LOCATION"], certs).read_text() == (certs / "ca.pem").read_text()
+
+
+async def test_the_tls_overrides_certificates_pass_the_clients_checks(tls_compose, certs):
+    """A TLS server with the broker's key store and trust store; the service's TLS context, from the override's
+    settings, verifies it as `kafka` (the bootstrap host) and is verified in turn."""
+    env = tls_compose["services"]["worker"]["environment"]
+    settings = Settings(**{k.lower(): str(v).replace("/certs/", f"{certs}/") for k, v in env.items()})
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=certs / "ca.pem")
+    server.load_cert_chain(certs / "server-keystore.pem")
+    server.verify_mode = ssl.CERT_REQUIRED
+    peers = []
+
+    async def handle(reader, writer):
+        peers.append(writer.get_extra_info("peercert"))
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=kafka.ssl_context(settings),
+                                                       server_hostname=settings.kafka_bootstrap_servers.split(":")[0])
+        assert await reader.read() == b"ok"
+        writer.close()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert dict(x[0] for x in peers[0]["subject"])["commonName"] == "segmentation"
