@@ -1,9 +1,9 @@
 """The Kafka security settings against a broker reachable only over TLS (mutual: client certificates required).
 
 The worker and the relay run as processes configured the way a user configures them, by environment variables
-(KAFKA_SECURITY_PROTOCOL=SSL, KAFKA_SSL_CAFILE, KAFKA_SSL_CERTFILE, KAFKA_SSL_KEYFILE); commands go in through the
-CLI's client and the result and the MembershipChanged event come out, all through the TLS port (the broker
-advertises it, so no connection bypasses it). A client that does not trust the broker's CA, or that has no
+(KAFKA_SECURITY_PROTOCOL=SSL, KAFKA_SSL_CAFILE, KAFKA_SSL_CERTFILE, KAFKA_SSL_KEYFILE), and so does the client
+library (`SegmentationClient()`, the CLI's): commands go in, their results and the MembershipChanged event come
+out, all through the TLS port (the broker advertises it, so no connection bypasses it). A client that does not trust the broker's CA, or that has no
 client certificate, fails at once with an error that says so.
 """
 import asyncio
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import KafkaConnectionError
 
-from producers.publisher import CommandClient
+from producers.client import SegmentationClient
 from schemas import CreateSegment, UpdateUserSegments
 from service.infra import kafka
-from tests.support.harness import Collector, cid
-from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
+from tests.support.harness import cid
+from tests.support.helpers import ROOT, fast_settings, new_database, settings_env
 from tests.support.tls import make_certificates, tls_broker
 
 
@@ -52,28 +52,30 @@ def start(name: str, env: dict, log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
 
 
-async def test_worker_relay_and_client_over_tls_only(tls, tls_folder, pg_admin_url, template_db):
+async def test_worker_relay_and_client_over_tls_only(tls, tls_folder, pg_admin_url, template_db, monkeypatch):
     bootstrap, certs = tls
     settings = fast_settings(await new_database(pg_admin_url), bootstrap, **security(bootstrap, certs))
     env = settings_env(settings)
     assert (env["KAFKA_SECURITY_PROTOCOL"], env["KAFKA_SSL_CAFILE"]) == ("SSL", str(certs.ca))
+    for name in (n.upper() for n in settings.model_dump()):  # the client reads them as a user's program does
+        if name in env:
+            monkeypatch.setenv(name, env[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
     await kafka.create_topics(settings)  # the admin client over TLS
     procs = [start(name, env, tls_folder / f"{name}.log") for name in ("worker", "relay")]
-    collector = Collector(settings)
     try:
-        await collector.start()
-        async with CommandClient(settings) as client:
-            await client.listen()
+        async with SegmentationClient() as client, client.subscribe(["membership"]) as events:
+            assert client.settings.kafka_ssl_certfile == str(certs.client_cert)
             slug = f"TLS_{cid()[:8]}"
             created = await client.request(CreateSegment(command_id=cid(), slug=slug), timeout=60)
-            assert created["status"] == "applied"
+            assert created.status == "applied"
             added = await client.request(UpdateUserSegments(command_id=cid(), user_id=4343, add=[slug]))
-            assert added["status"] == "applied" and added["events"] == 1
-        event = await wait_until(lambda: _event(collector, slug), timeout=30, message="the MembershipChanged event")
-        assert (event["user_id"], event["change"]) == (4343, "added")
+            assert added.status == "applied" and added.events == 1
+            event = await asyncio.wait_for(anext(events), 30)
+            assert (event.user_id, event.slug, event.change) == (4343, slug, "added")
         assert all(p.poll() is None for p in procs), "a process exited"
     finally:
-        await collector.stop()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -82,14 +84,10 @@ async def test_worker_relay_and_client_over_tls_only(tls, tls_folder, pg_admin_u
         assert "Traceback" not in (tls_folder / f"{name}.log").read_text(), name
 
 
-async def _event(collector, slug):
-    return next((e for e in collector.membership_events() if e["slug"] == slug), None)
-
-
 async def _refused(settings) -> str:
     started = time.monotonic()
     with pytest.raises(KafkaConnectionError) as refused:
-        async with CommandClient(settings):
+        async with SegmentationClient(settings):
             pass
     assert time.monotonic() - started < 10
     return str(refused.value)
