@@ -3,8 +3,8 @@
 The worker and the relay run as processes configured the way a user configures them, by environment variables
 (KAFKA_SECURITY_PROTOCOL=SSL, KAFKA_SSL_CAFILE, KAFKA_SSL_CERTFILE, KAFKA_SSL_KEYFILE), and so does the client
 library (`SegmentationClient()`, the CLI's): commands go in, their results and the MembershipChanged event come
-out, all through the TLS port (the broker advertises it, so no connection bypasses it). A client that does not trust the broker's CA, or that has no
-client certificate, fails at once with an error that says so.
+out, all through the TLS port (the broker advertises it, so no connection bypasses it). A client that does not
+trust the broker's CA, or that has no client certificate, fails at once with an error that says so.
 """
 import asyncio
 import subprocess
