@@ -217,10 +217,11 @@ class OutboxRelay(leader.LeaderLoop):
 
 
 def _row(r: asyncpg.Record) -> Row:
-    headers = [("event_id", r["event_id"].encode())]
+    kind, key, payload, event_id = r["kind"], r["key"], r["payload"], r["event_id"]
+    headers = outbox.published_headers(kind, key, payload, event_id.encode())
     if r["headers"]:
         headers += [(k, str(v).encode()) for k, v in json.loads(r["headers"]).items()]
-    return Row(r["seq"], r["kind"], r["key"], r["payload"], r["event_id"], headers, r["created_at"])
+    return Row(r["seq"], kind, key, payload, event_id, headers, r["created_at"])
 
 
 def _refusal(outcome: object) -> bool:

@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from schemas import cloudevents
 from schemas.commands import COMMAND_MODELS, SEGMENT_COMMANDS, RegisterUsers
 from schemas.common import SLUG_PATTERN
 from schemas.events import MembershipChanged, SegmentChanged
@@ -21,11 +22,24 @@ _STRING = {"type": "string"}
 USER_KEY = {"type": "string", "pattern": "^[1-9][0-9]{0,18}$", "description": "the user id, decimal"}
 SLUG_KEY = {"type": "string", "pattern": SLUG_PATTERN, "description": "the segment's slug"}
 COMMAND_ID_KEY = {"type": "string", "minLength": 1, "maxLength": 128, "description": "the command id"}
-EVENT_ID_HEADERS = {
-    "type": "object",
-    "properties": {"event_id": _STRING | {"description": "stable id of this message, for deduplication"}},
-    "required": ["event_id"],
-}
+
+
+def _event_headers(ce_type: str, time_field: str, subject: str) -> dict[str, Any]:
+    """`event_id` and the CloudEvents Kafka protocol binding's headers in binary mode (the value is the data)."""
+    properties = {
+        "event_id": _STRING | {"description": "stable id of this message, for deduplication"},
+        "ce_specversion": {"type": "string", "const": cloudevents.SPECVERSION, "description": "CloudEvents version"},
+        "ce_id": _STRING | {"description": "the CloudEvents id: the same as `event_id`"},
+        "ce_source": {"type": "string", "const": cloudevents.SOURCE},
+        "ce_type": {"type": "string", "const": ce_type},
+        "ce_time": {"type": "string", "format": "date-time", "description": f"the payload's `{time_field}`"},
+        "ce_subject": _STRING | {"description": f"{subject} (the key)"},
+        "content-type": {"type": "string", "const": cloudevents.CONTENT_TYPE,
+                         "description": "the CloudEvents datacontenttype"},
+    }
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
 COMMAND_HEADERS = {
     "type": "object",
     "properties": {"replayed-from": {"type": "string", "pattern": "^.+/[0-9]+@[0-9]+$",
@@ -94,11 +108,15 @@ def document(settings: Any) -> dict[str, Any]:
 
     messages = {m.__name__: _message(m, payload[m], _command_key(m), COMMAND_HEADERS) | {"correlationId": by_command_id}
                 for m in COMMAND_MODELS}
-    messages["CommandResult"] = _message(CommandResult, payload[CommandResult], COMMAND_ID_KEY, EVENT_ID_HEADERS) | {
-        "summary": "The result of one command", "correlationId": by_command_id}
-    messages["MembershipChanged"] = _message(MembershipChanged, payload[MembershipChanged], USER_KEY,
-                                             EVENT_ID_HEADERS)
-    messages["SegmentChanged"] = _message(SegmentChanged, payload[SegmentChanged], SLUG_KEY, EVENT_ID_HEADERS)
+    messages["CommandResult"] = _message(
+        CommandResult, payload[CommandResult], COMMAND_ID_KEY,
+        _event_headers(cloudevents.COMMAND_RESULT, "processed_at", "the command id"),
+    ) | {"summary": "The result of one command", "correlationId": by_command_id}
+    messages["MembershipChanged"] = _message(
+        MembershipChanged, payload[MembershipChanged], USER_KEY,
+        _event_headers(cloudevents.MEMBERSHIP_CHANGED, "occurred_at", "the user id, decimal"))
+    messages["SegmentChanged"] = _message(SegmentChanged, payload[SegmentChanged], SLUG_KEY,
+                                          _event_headers(cloudevents.SEGMENT_CHANGED, "occurred_at", "the slug"))
     messages["DeadLetter"] = {
         "name": "DeadLetter", "title": "DeadLetter", "summary": "A message of the commands topic that is not a command",
         "description": "The original value and key, untouched unless too large to publish again (then cut, "

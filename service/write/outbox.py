@@ -14,6 +14,7 @@ from typing import Literal
 import orjson
 import uuid_utils
 
+from schemas import cloudevents
 from schemas.common import format_time
 from schemas.events import SegmentChanged
 from service.domain import Change
@@ -43,6 +44,50 @@ class OutboxRow:
 
     def record(self) -> tuple:
         return (self.kind, self.key, self.payload, self.event_id, json.dumps(self.headers) if self.headers else None)
+
+
+@dataclass(frozen=True)
+class CloudEvent:
+    """The CloudEvents binding of a published kind: its constant `ce_*` headers and where its `time` is."""
+
+    constant: tuple[tuple[str, bytes], ...]
+    time_keys: tuple[bytes, bytes]  # the time field as a JSON key: as orjson and pydantic write it, as SQL does
+
+    @classmethod
+    def of(cls, type_: str, time_field: str) -> CloudEvent:
+        constant = {"ce_specversion": cloudevents.SPECVERSION, "ce_source": cloudevents.SOURCE, "ce_type": type_,
+                    "content-type": cloudevents.CONTENT_TYPE}
+        return cls(tuple((k, v.encode()) for k, v in constant.items()),
+                   (f'"{time_field}":"'.encode(), f'"{time_field}" : "'.encode()))  # json_build_object: " : "
+
+    def time(self, payload: bytes) -> bytes | None:
+        """The payload's time, found without parsing the JSON (once per message in the relay). Inside a JSON string
+        every quote is escaped, so `"occurred_at":"` can only be a key, and none of our payloads nests one; from
+        the end, where the time fields are."""
+        for time_key in self.time_keys:
+            if (start := payload.rfind(time_key)) >= 0:
+                start += len(time_key)
+                return payload[start:payload.find(b'"', start)]
+        return None
+
+
+# Events and results carry the binding's headers; dead letters are not events and keep only their own.
+CLOUDEVENTS = {"membership": CloudEvent.of(cloudevents.MEMBERSHIP_CHANGED, "occurred_at"),
+               "segment": CloudEvent.of(cloudevents.SEGMENT_CHANGED, "occurred_at"),
+               "result": CloudEvent.of(cloudevents.COMMAND_RESULT, "processed_at")}
+
+
+def published_headers(kind: str, key: bytes | None, payload: bytes | None, event_id: bytes) -> list[tuple[str, bytes]]:
+    """The Kafka headers of a row as published: `event_id`, plus the CloudEvents binary-mode ones for events and
+    results (`ce_subject` is the key: the user id, slug or command id; `ce_time` the payload's own time)."""
+    if (ce := CLOUDEVENTS.get(kind)) is None:
+        return [("event_id", event_id)]
+    headers = [("event_id", event_id), *ce.constant, ("ce_id", event_id)]
+    if key is not None:
+        headers.append(("ce_subject", key))
+    if payload is not None and (time := ce.time(payload)) is not None:
+        headers.append(("ce_time", time))
+    return headers
 
 
 def new_id() -> str:

@@ -1,9 +1,11 @@
 """Commands in through a real broker, rows in PostgreSQL, events out, answers over HTTP."""
 import asyncio
 import uuid
+from datetime import datetime
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cloudevents.core.bindings.kafka import KafkaMessage, from_binary_event
 
 from schemas import CreateSegment, DeleteSegment, UpdateUserSegments
 from service.read.api import create_app
@@ -71,6 +73,42 @@ async def test_every_event_carries_its_id_in_a_header(stack):
     msg, value = msgs[0]
     assert dict(msg.headers)["event_id"].decode() == value["event_id"]
     assert msg.key == b"77"
+
+
+async def test_events_and_results_carry_cloudevents_headers_that_the_cloudevents_sdk_reads(stack):
+    s, everyone = slug("CE"), slug("CE_ROLLOUT")
+    created, added, rejected = cid(), cid(), cid()
+    await stack.request(CreateSegment(command_id=created, slug=s))
+    await stack.request(UpdateUserSegments(command_id=added, user_id=78, add=[s]))
+    await stack.request(CreateSegment(command_id=rejected, slug=s))  # SEGMENT_EXISTS: a result the model writes
+    await stack.request(CreateSegment(command_id=cid(), slug=everyone, auto_percent=100))  # events written by SQL
+    settings = stack.settings
+    wanted = [  # (topic, which message, CloudEvents type, subject, time field)
+        (settings.segment_topic, lambda v: v["slug"] == s, "segmentation.segment-changed.v1", s, "occurred_at"),
+        (settings.membership_topic, lambda v: v["slug"] == s, "segmentation.membership-changed.v1", "78",
+         "occurred_at"),
+        (settings.membership_topic, lambda v: v["slug"] == everyone and v["user_id"] == 78,
+         "segmentation.membership-changed.v1", "78", "occurred_at"),
+        *[(settings.results_topic, lambda v, c=c: v["command_id"] == c, "segmentation.command-result.v1", c,
+           "processed_at") for c in (created, added, rejected)],
+    ]
+    for topic, which, ce_type, subject, time_field in wanted:
+        msg, value = (await wait_until(lambda t=topic, w=which: _messages(stack, t, w), message=ce_type))[0]
+        headers = dict(msg.headers)
+        event = from_binary_event(KafkaMessage(headers=headers, key=msg.key, value=msg.value))
+        assert event.get_specversion() == "1.0" and event.get_source() == "segmentation"
+        assert event.get_id() == headers["event_id"].decode() == value.get("event_id", event.get_id())
+        assert event.get_type() == ce_type and event.get_subject() == subject
+        assert event.get_time() == datetime.fromisoformat(value[time_field])
+        assert headers["ce_time"].decode() == value[time_field]  # the payload's own text
+        assert event.get_datacontenttype() == "application/json" and event.get_data() == value  # value unchanged
+    await stack.send_raw(b"not json", key=b"78")
+    dead = await wait_until(lambda: _dlq_with_key(stack, b"78"), message="the dead letter")
+    assert not [name for name, _ in dead.headers if name.startswith("ce_")]  # not an event: its own headers only
+
+
+async def _dlq_with_key(stack, key):
+    return next((m for m, _ in stack.collector.messages[stack.settings.dlq_topic] if m.key == key), None)
 
 
 async def _messages(stack, topic, pred):

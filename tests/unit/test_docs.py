@@ -33,6 +33,7 @@ from schemas.asyncapi import DLQ_ERROR_CODES, document
 from schemas.commands import COMMAND_MODELS
 from schemas.export import export
 from service.write.decoding import InboundRecord, decode
+from service.write.outbox import published_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -143,9 +144,24 @@ def test_asyncapi_describes_every_topic_key_and_header(asyncapi):
     for message in messages.values():
         assert message["bindings"]["kafka"]["key"]["description"]
     for name in ("MembershipChanged", "SegmentChanged", "CommandResult"):
-        assert messages[name]["headers"]["required"] == ["event_id"]
+        assert messages[name]["headers"]["required"][0] == "event_id"
     assert set(messages["DeadLetter"]["headers"]["required"]) == {
         "error.code", "error.message", "source.topic", "source.partition", "source.offset", "event_id"}
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: f"{type(e).__name__}-{e.command_id}")
+def test_asyncapi_headers_are_those_the_relay_publishes_for_each_event_and_result(event, asyncapi):
+    kind, key = {MembershipChanged: ("membership", "user_id"), SegmentChanged: ("segment", "slug"),
+                 CommandResult: ("result", "command_id")}[type(event)]
+    payload = event.model_dump_json().encode()
+    headers = published_headers(kind, str(getattr(event, key)).encode(), payload, b"e-9")
+    published = {name: value.decode() for name, value in headers}
+    assert len(published) == len(headers)  # no header twice
+    schema = asyncapi["components"]["messages"][type(event).__name__]["headers"]
+    Draft7Validator(schema).validate(published)
+    assert set(published) == set(schema["required"])
+    time_field = "processed_at" if kind == "result" else "occurred_at"
+    assert published["ce_time"] == json.loads(payload)[time_field] == "2026-11-22T07:30:05.123456Z"
 
 
 def test_asyncapi_follows_the_settings():

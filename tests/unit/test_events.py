@@ -7,7 +7,7 @@ from schemas.http import UserSegment, UserSegments
 from schemas.results import CommandResult
 from service.domain import Change, Segment
 from service.read.api import user_segments_body
-from service.write.outbox import membership_event, result_payload
+from service.write.outbox import membership_event, published_headers, result_payload
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -53,3 +53,24 @@ def test_a_segment_changed_has_the_layer_fields_only_in_a_layer_and_null_buckets
     assert not {"layer", "bucket_start", "bucket_end"} & outside.keys()
     at_zero = json.loads(SegmentChanged(auto_percent=Decimal(0), layer="L", **common).model_dump_json())
     assert (at_zero["layer"], at_zero["bucket_start"], at_zero["bucket_end"]) == ("L", None, None)
+
+
+def test_the_cloudevents_time_is_the_payloads_own_however_the_json_is_spaced_and_whatever_strings_it_holds():
+    from decimal import Decimal
+
+    from schemas.events import SegmentChanged
+
+    decoy = '"occurred_at":"1999-01-01T00:00:00Z"'
+    event = SegmentChanged(event_id="e-1", change="created", slug="A", description=decoy, auto_percent=Decimal(5),
+                           occurred_at=NOW, command_id="occurred_at", layer="occurred_at")
+    written_by_sql = (b'{"event_id" : "e-2", "type" : "MembershipChanged", "change" : "added", "user_id" : 7, '
+                      b'"slug" : "A", "reason" : "auto_percent", "expires_at" : null, '
+                      b'"occurred_at" : "2026-11-22T12:00:00Z", "command_id" : "occurred_at"}')
+    for kind, payload, time in (("segment", event.model_dump_json().encode(), "2026-11-22T12:00:00.123456Z"),
+                                ("membership", written_by_sql, "2026-11-22T12:00:00Z")):
+        headers = dict(published_headers(kind, b"k", payload, b"e"))
+        assert headers["ce_time"].decode() == time == json.loads(payload)["occurred_at"]
+
+
+def test_dead_letters_are_not_cloudevents():
+    assert published_headers("dlq", b"k", b"not json", b"d-1") == [("event_id", b"d-1")]

@@ -1,0 +1,7 @@
+"""The CloudEvents attributes of every event and result (Kafka protocol binding, binary mode: `ce_*` headers)."""
+SPECVERSION = "1.0"
+SOURCE = "segmentation"
+CONTENT_TYPE = "application/json"
+MEMBERSHIP_CHANGED = "segmentation.membership-changed.v1"
+SEGMENT_CHANGED = "segmentation.segment-changed.v1"
+COMMAND_RESULT = "segmentation.command-result.v1"
