@@ -233,9 +233,10 @@ class SegmentationClient:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            if self.pending.get(command_id) is future:
-                del self.pending[command_id]
             raise ResultTimeoutError(command_id, timeout) from None
+        finally:  # timed out or cancelled by the caller: nobody waits for it any more
+            if not future.done() and self.pending.get(command_id) is future:
+                del self.pending[command_id]
 
     async def _listen(self) -> None:
         """Read results from the end of the topic as it is now: a result published after this is seen."""
@@ -261,10 +262,11 @@ class SegmentationClient:
                 future = self.pending.pop(result.command_id, None)
                 if future is not None and not future.done():
                     future.set_result(result)
-        except Exception as exc:  # the reader is gone: nobody waits for ever
+        except BaseException as exc:  # the reader is gone (failed, or the client closed): nobody waits for ever
+            gone = exc if isinstance(exc, Exception) else ConnectionError("the client was closed")
             for future in self.pending.values():
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(gone)
             self.pending.clear()
             raise
 

@@ -412,7 +412,7 @@ def watch(
                 printed += 1
 
     try:
-        asyncio.run(go())
+        _kafka_call(lambda _settings: go())
     except KeyboardInterrupt:
         pass
 

@@ -51,13 +51,14 @@ class CloudEvent:
     """The CloudEvents binding of a published kind: its constant `ce_*` headers and where its `time` is."""
 
     constant: tuple[tuple[str, bytes], ...]
+    time_field: str
     time_keys: tuple[bytes, bytes]  # the time field as a JSON key: as orjson and pydantic write it, as SQL does
 
     @classmethod
     def of(cls, type_: str, time_field: str) -> CloudEvent:
         constant = {"ce_specversion": cloudevents.SPECVERSION, "ce_source": cloudevents.SOURCE, "ce_type": type_,
                     "content-type": cloudevents.CONTENT_TYPE}
-        return cls(tuple((k, v.encode()) for k, v in constant.items()),
+        return cls(tuple((k, v.encode()) for k, v in constant.items()), time_field,
                    (f'"{time_field}":"'.encode(), f'"{time_field}" : "'.encode()))  # json_build_object: " : "
 
     def time(self, payload: bytes) -> bytes | None:
@@ -68,7 +69,11 @@ class CloudEvent:
             if (start := payload.rfind(time_key)) >= 0:
                 start += len(time_key)
                 return payload[start:payload.find(b'"', start)]
-        return None
+        try:  # another spelling (a result stored as jsonb text before migration 002: `"processed_at": "`)
+            value = orjson.loads(payload).get(self.time_field)
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return value.encode() if isinstance(value, str) else None
 
 
 # Events and results carry the binding's headers; dead letters are not events and keep only their own.

@@ -133,3 +133,6 @@ def test_cli_exit_codes_for_bad_input_and_no_broker():
     down = subprocess.run([sys.executable, "-m", "service.cli", "send", "create-segment", "X"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert down.returncode == 3 and "cannot reach Kafka" in down.stderr
+    watch = subprocess.run([sys.executable, "-m", "service.cli", "watch"],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert watch.returncode == 3 and "cannot reach Kafka" in watch.stderr and "Traceback" not in watch.stderr

@@ -41,6 +41,16 @@ async def test_request_without_a_worker_times_out_with_a_clear_error(pg_admin_ur
             await client.request(command, timeout=1.0)
         assert isinstance(caught.value, TimeoutError) and caught.value.command_id == command.command_id
         assert client.pending == {}  # nothing left waiting
+        waiting = asyncio.create_task(client.request(CreateSegment(command_id=cid(), slug="NOBODY"), timeout=30))
+        await asyncio.sleep(0.5)
+        waiting.cancel()  # a caller's own deadline, or its task cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert client.pending == {}  # a cancelled request leaves nothing behind either
+        closing = asyncio.create_task(client.request(CreateSegment(command_id=cid(), slug="NOBODY"), timeout=30))
+        await asyncio.sleep(0.5)
+    with pytest.raises(ConnectionError, match="closed"):  # closing the client ends its requests at once
+        await asyncio.wait_for(closing, 5)
 
 
 async def test_subscribe_yields_typed_events_once_each_from_the_end_or_the_beginning(stack):

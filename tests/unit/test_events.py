@@ -74,3 +74,21 @@ def test_the_cloudevents_time_is_the_payloads_own_however_the_json_is_spaced_and
 
 def test_dead_letters_are_not_cloudevents():
     assert published_headers("dlq", b"k", b"not json", b"d-1") == [("event_id", b"d-1")]
+
+
+def test_ce_time_is_found_in_any_spelling_of_the_time_key():
+    """A result stored as jsonb text (before migration 002) spells `"processed_at": "`: still its ce_time."""
+    payload = b'{"command_id": "c-1", "status": "applied", "processed_at": "2026-01-01T00:00:00Z"}'
+    assert dict(published_headers("result", b"c-1", payload, b"e"))["ce_time"] == b"2026-01-01T00:00:00Z"
+
+
+def test_counters_that_alerts_take_increase_of_exist_at_zero_before_their_first_event():
+    from prometheus_client import REGISTRY
+
+    import service.infra.metrics  # noqa: F401  (registers them)
+
+    for reason in ("beyond_log_end", "before_log_start"):
+        assert REGISTRY.get_sample_value("segmentation_offset_resets_total", {"reason": reason}) is not None
+    for kind in ("membership", "segment", "result", "dlq"):
+        assert REGISTRY.get_sample_value("segmentation_outbox_refused_total", {"kind": kind}) is not None
+
