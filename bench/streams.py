@@ -18,10 +18,7 @@ async def tail(settings, topic: str) -> AIOKafkaConsumer:
     """A group-less consumer of every partition of `topic`, positioned at its end: it sees only what comes next."""
     consumer = kafka.consumer(settings, group=None, fetch_max_wait_ms=FETCH_WAIT_MS)
     await consumer.start()
-    tps = await kafka.assign_all(consumer, topic)
-    await consumer.seek_to_end(*tps)
-    for tp in tps:
-        await consumer.position(tp)
+    await kafka.seek_to_end_now(consumer, await kafka.assign_all(consumer, topic))
     return consumer
 
 

@@ -24,6 +24,10 @@ _RESET_MESSAGES = {
     "before_log_start": "stored offset before the start of the log: commands deleted by retention before "
                         "they were applied are lost; starting at the log's beginning",
 }
+# Alerts take increase() of this counter: its series exist at 0 from the start (one first seen at 1, a reset at the
+# first assignment before any scrape, would never show an increase).
+for _reason in _RESET_MESSAGES:
+    metrics.OFFSET_RESETS.labels(_reason)
 
 
 def start_position(stored: int, log_start: int, log_end: int) -> tuple[int, str | None]:

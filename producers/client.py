@@ -107,10 +107,8 @@ class Subscription:
             tps = await kafka.assign_all(self.consumer, *self.kinds)
             if self.from_beginning:
                 await self.consumer.seek_to_beginning(*tps)
-            else:
-                await self.consumer.seek_to_end(*tps)
-                for tp in tps:  # resolve the end now: what is published after start() is read
-                    await self.consumer.position(tp)
+            else:  # what is published after start() is read
+                await kafka.seek_to_end_now(self.consumer, tps)
         except BaseException:
             await self.close()
             raise
@@ -245,10 +243,7 @@ class SegmentationClient:
                 return
             self.results = kafka.consumer(self.settings, group=None)
             await self.results.start()
-            tps = await kafka.assign_all(self.results, self.settings.results_topic)
-            await self.results.seek_to_end(*tps)
-            for tp in tps:
-                await self.results.position(tp)
+            await kafka.seek_to_end_now(self.results, await kafka.assign_all(self.results, self.settings.results_topic))
             self.reader = asyncio.create_task(self._read(self.results))
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import get_args
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -31,6 +32,8 @@ TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 # A topic the broker refuses (authorization, ...) is left alone this long, then tried again on its own.
 REFUSED_SECONDS = (1.0, 60.0)  # first pause, longest pause
 
+for _kind in get_args(outbox.Kind):  # at 0 from the start: alerts take increase() of it (see consumers/worker.py)
+    metrics.OUTBOX_REFUSED.labels(_kind)
 
 class TopicRefused(KafkaError):
     """The broker refused a topic's batch with a non-retriable error; its rows stay for later."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -70,47 +69,37 @@ async def tls_failure(settings: Settings) -> str | None:
     return None
 
 
-async def _start(start: Awaitable[None], settings: Settings) -> None:
-    try:
-        await start
-    except KafkaConnectionError as exc:
-        reason = await tls_failure(settings)
-        if reason is None:
-            raise
-        raise KafkaConnectionError(f"{exc.args[0] if exc.args else exc}: {reason}") from exc
+class _ExplainsTls:
+    """Mixed into the aiokafka clients: a failed start says why TLS failed (`settings` set by the subclass)."""
+
+    settings: Settings
+
+    async def start(self) -> None:
+        try:
+            await super().start()  # type: ignore[misc]  # the aiokafka client it is mixed into
+        except KafkaConnectionError as exc:
+            reason = await tls_failure(self.settings)
+            if reason is None:
+                raise
+            raise KafkaConnectionError(f"{exc.args[0] if exc.args else exc}: {reason}") from exc
 
 
-class Producer(AIOKafkaProducer):
-    """An aiokafka producer whose failed start says why TLS failed."""
-
+class Producer(_ExplainsTls, AIOKafkaProducer):
     def __init__(self, settings: Settings, **options):
         super().__init__(**options)
         self.settings = settings
 
-    async def start(self) -> None:
-        await _start(super().start(), self.settings)
 
-
-class Consumer(AIOKafkaConsumer):
-    """An aiokafka consumer whose failed start says why TLS failed."""
-
+class Consumer(_ExplainsTls, AIOKafkaConsumer):
     def __init__(self, settings: Settings, *topics: str, **options):
         super().__init__(*topics, **options)
         self.settings = settings
 
-    async def start(self) -> None:
-        await _start(super().start(), self.settings)
 
-
-class Admin(AIOKafkaAdminClient):
-    """An aiokafka admin client whose failed start says why TLS failed."""
-
+class Admin(_ExplainsTls, AIOKafkaAdminClient):
     def __init__(self, settings: Settings):
         super().__init__(**client_options(settings))
         self.settings = settings
-
-    async def start(self) -> None:
-        await _start(super().start(), self.settings)
 
 
 def producer_options(settings: Settings) -> dict:
@@ -163,6 +152,13 @@ async def assign_all(consumer: AIOKafkaConsumer, *topics: str, timeout: float = 
         tps += [TopicPartition(topic, p) for p in sorted(parts)]
     consumer.assign(tps)
     return tps
+
+
+async def seek_to_end_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+    """Seek to the end of `tps` as it is now, resolved at once: what is published afterwards is read."""
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:

@@ -23,12 +23,6 @@ OUTBOX_DROPPED = Counter("segmentation_outbox_dropped_total", "Outbox rows skipp
 OUTBOX_REFUSED = Counter("segmentation_outbox_refused_total", "Batches a topic refused (their rows wait)", ["kind"])
 PUBLISH_LATENCY = Histogram("segmentation_outbox_publish_latency_seconds", "From outbox insert to broker ack",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-# Labelled counters that alerts take increase() of exist from the start at 0: a series first seen at 1 (a reset at
-# the first assignment, before any scrape) would never show an increase.
-for _reason in ("beyond_log_end", "before_log_start"):
-    OFFSET_RESETS.labels(_reason)
-for _kind in ("membership", "segment", "result", "dlq"):
-    OUTBOX_REFUSED.labels(_kind)
 TTL_EXPIRIES = Counter("segmentation_ttl_expiries_published_total", "ExpireMembership commands published")
 TTL_STARTS = Counter("segmentation_ttl_starts_published_total", "StartMembership commands published")
 TTL_LAG = Gauge("segmentation_ttl_lag_seconds",

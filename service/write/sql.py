@@ -181,12 +181,12 @@ SELECT count(*) FROM published
 """
 
 
-def _rollout_add(users: str) -> str:
+def _rollout_add(users: str, in_slice: str) -> str:
     return _fan_out(
         f"""
     INSERT INTO memberships (user_id, segment_id, source, added_at, expires_at)
     SELECT u.user_id, $1, 'auto_percent', $3, NULL FROM {users}
-    segment_bucket($6, u.user_id) <@ int4range($7, $8)  -- [lower, upper): one hash per user
+    WHERE {in_slice} AND segment_bucket($6, u.user_id) <@ int4range($7, $8)  -- [lower, upper): one hash per user
       AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.user_id = u.user_id AND x.segment_id = $1)
     ON CONFLICT DO NOTHING
     RETURNING user_id, expires_at
@@ -198,8 +198,8 @@ def _rollout_add(users: str) -> str:
 # $6 salt (the segment's, or its layer's), $7 lower bucket line (inclusive), $8 upper bucket line (exclusive);
 # the users: a range ($9, $10] of known users (a slice of FAN_OUT_KNOWN_USERS), or the list $9 (the users a bulk
 # command registers).
-ROLLOUT_ADD = _rollout_add("users u WHERE u.user_id > $9 AND u.user_id <= $10 AND")
-ROLLOUT_ADD_LISTED = _rollout_add("unnest($9::bigint[]) AS u(user_id) WHERE")
+ROLLOUT_ADD = _rollout_add("users u", "u.user_id > $9 AND u.user_id <= $10")
+ROLLOUT_ADD_LISTED = _rollout_add("unnest($9::bigint[]) AS u(user_id)", "true")
 # $6 salt, $7 new bucket line: rollout members at or above it leave; explicit members never do. ($8, $9] the
 # users of the slice (of FAN_OUT_SEGMENT_MEMBERS).
 ROLLOUT_REMOVE = _fan_out(

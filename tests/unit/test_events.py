@@ -85,7 +85,8 @@ def test_ce_time_is_found_in_any_spelling_of_the_time_key():
 def test_counters_that_alerts_take_increase_of_exist_at_zero_before_their_first_event():
     from prometheus_client import REGISTRY
 
-    import service.infra.metrics  # noqa: F401  (registers them)
+    import consumers.worker  # noqa: F401  (the processes that count them make their series)
+    import producers.relay  # noqa: F401
 
     for reason in ("beyond_log_end", "before_log_start"):
         assert REGISTRY.get_sample_value("segmentation_offset_resets_total", {"reason": reason}) is not None
