@@ -5,6 +5,7 @@ then the membership-changed topic is tailed until every expiry event has arrived
 
     .venv/bin/python bench/ttl_lag.py                     # 10 000 memberships
     .venv/bin/python bench/ttl_lag.py --users 1000 --lead 5
+    .venv/bin/python bench/ttl_lag.py --workers 2         # two worker processes
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--lead", type=float, default=10.0, help="Seconds between now and expires_at.")
     parser.add_argument("--timeout", type=float, default=60.0, help="Give up this long after expires_at.")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    with dev_stack() as settings:
+    with dev_stack(args.workers) as settings:
         asyncio.run(run(settings, args.users, args.lead, args.timeout))
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from prometheus_client import Gauge
 
 from producers import sql
@@ -95,6 +99,41 @@ async def close_producer(producer: AIOKafkaProducer) -> None:
         log.warning("producer stopped with sends the broker never acknowledged (the outbox keeps their rows)")
 
 
+class Message(Protocol):
+    """What goes into a producer batch."""
+
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def payload(self) -> bytes | None: ...
+    @property
+    def headers(self) -> list[tuple[str, bytes]]: ...
+
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass
+class Partition(Generic[M]):
+    """The messages bound for one topic partition, in order; `single`: one per batch (after a size refusal)."""
+
+    topic: str
+    number: int
+    rows: deque[M] = field(default_factory=deque)
+    single: bool = False
+
+
+def partition_of(key: bytes | None, numbers: list[int]) -> int:
+    """The partition aiokafka's default partitioner (murmur2, the Java client's) picks for `key` among `numbers`
+    (the topic's partitions, sorted); a message without a key goes to the first."""
+    return numbers[(murmur2(key) & 0x7FFFFFFF) % len(numbers)] if key is not None else numbers[0]
+
+
+# What a round's sends came to: each partition, the messages of its batch, and the batch's outcome (its
+# RecordMetadata, whose offset is the first message's, or the exception).
+Round = list[tuple[Partition, list, Any]]
+
+
 class LeaderLoop:
     """A process that works while it holds its lock (the relay, the TTL producer): a Kafka producer, `lead(conn)`
     while the lock is held. Subclasses set LOCK, NAME and ACTIVE and write `lead`; TRY_LOCK may take it shared.
@@ -131,6 +170,30 @@ class LeaderLoop:
             if isinstance(outcome, BaseException):
                 raise outcome
         return outcomes
+
+    async def send_rounds(self, partitions: Iterable[Partition[M]], settled: Callable[[Round], None],
+                          unsendable: Callable[[M], None]) -> None:
+        """Send in rounds of one producer batch per partition, each round acknowledged (bounded) before the next: a
+        partition never has two batches in flight, so a failed batch cannot be overtaken (without the idempotent
+        producer Kafka would not keep them in order). `settled` takes each round's outcomes (it may put messages
+        back at the head of their partition, or raise); `unsendable` a message larger than a whole batch."""
+        waiting = list(partitions)
+        while waiting:
+            sends = []
+            for part in waiting:
+                batch, taken = self.producer.create_batch(), list[M]()
+                while part.rows and not (part.single and taken):
+                    r = part.rows[0]
+                    if batch.append(key=r.key, value=r.payload, timestamp=None, headers=r.headers) is None:
+                        break
+                    taken.append(part.rows.popleft())
+                if not taken:  # larger than a whole producer batch: no broker would take it either
+                    unsendable(part.rows.popleft())
+                    continue
+                sends.append((part, taken, await self.producer.send_batch(batch, part.topic, partition=part.number)))
+            outcomes = await self.settle(future for *_, future in sends)
+            settled([(part, taken, outcome) for (part, taken, _), outcome in zip(sends, outcomes, strict=True)])
+            waiting = [p for p in waiting if p.rows]
 
     async def run(self) -> None:
         await self.producer.start()

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import get_args
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError
-from aiokafka.partitioner import murmur2
 
 from producers import leader, sql
 from service.infra import db, metrics
@@ -58,16 +56,6 @@ class Row:
 class Refusal:
     until: float
     pause: float
-
-
-@dataclass
-class Partition:
-    """The rows of one claim bound for one topic partition, in seq order; `single` after a size refusal."""
-
-    topic: str
-    number: int
-    rows: deque[Row] = field(default_factory=deque)
-    single: bool = False
 
 
 class OutboxRelay(leader.LeaderLoop):
@@ -170,11 +158,9 @@ class OutboxRelay(leader.LeaderLoop):
         return len(rows)
 
     async def publish(self, rows: list[Row]) -> None:
-        """Send `rows` in rounds of one producer batch per partition, each round acknowledged before the next: a
-        partition never has two batches in flight, so a failed batch cannot be overtaken (without the idempotent
-        producer Kafka would not keep them in order). The caller picks the partition as aiokafka's default
-        partitioner (murmur2, the Java client's) would."""
-        partitions: dict[tuple[str, int], Partition] = {}
+        """Send `rows` on the partitions aiokafka's default partitioner would pick, in rounds of one producer batch
+        per partition (see `send_rounds`)."""
+        partitions: dict[tuple[str, int], leader.Partition[Row]] = {}
         counts: dict[str, list[int]] = {}
         for r in rows:
             topic = self.topics[r.kind]
@@ -185,38 +171,25 @@ class OutboxRelay(leader.LeaderLoop):
                     if _refusal(exc):
                         raise TopicRefused(r.kind, exc) from exc
                     raise
-            numbers = counts[topic]
-            number = numbers[(murmur2(r.key) & 0x7FFFFFFF) % len(numbers)] if r.key is not None else numbers[0]
+            number = leader.partition_of(r.key, counts[topic])
             if (part := partitions.get((topic, number))) is None:
-                part = partitions[topic, number] = Partition(topic, number)
+                part = partitions[topic, number] = leader.Partition(topic, number)
             part.rows.append(r)
-        waiting = list(partitions.values())
-        while waiting:
-            sends = []
-            for part in waiting:
-                batch, taken = self.producer.create_batch(), list[Row]()
-                while part.rows and not (part.single and taken):
-                    r = part.rows[0]
-                    if batch.append(key=r.key, value=r.payload, timestamp=None, headers=r.headers) is None:
-                        break
-                    taken.append(part.rows.popleft())
-                if not taken:  # larger than a whole producer batch: no broker would take it either
-                    _drop(part.rows.popleft(), "larger than a producer batch")
-                    continue
-                sends.append((part, taken, await self.producer.send_batch(batch, part.topic, partition=part.number)))
-            outcomes = await self.settle(future for *_, future in sends)
-            for (part, taken, _), outcome in zip(sends, outcomes, strict=True):
-                if isinstance(outcome, TOO_LARGE):
-                    if len(taken) > 1:  # over the topic's limit together: send them one by one to find the culprit
-                        part.rows.extendleft(reversed(taken))
-                        part.single = True
-                    else:
-                        _drop(taken[0], repr(outcome))
-                elif _refusal(outcome):
-                    raise TopicRefused(taken[0].kind, outcome)
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-            waiting = [p for p in waiting if p.rows]
+        await self.send_rounds(partitions.values(), _settled, lambda r: _drop(r, "larger than a producer batch"))
+
+
+def _settled(sends: leader.Round) -> None:
+    for part, taken, outcome in sends:
+        if isinstance(outcome, TOO_LARGE):
+            if len(taken) > 1:  # over the topic's limit together: send them one by one to find the culprit
+                part.rows.extendleft(reversed(taken))
+                part.single = True
+            else:
+                _drop(taken[0], repr(outcome))
+        elif _refusal(outcome):
+            raise TopicRefused(taken[0].kind, outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _row(r: asyncpg.Record) -> Row:

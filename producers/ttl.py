@@ -13,10 +13,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
@@ -25,6 +26,7 @@ from schemas.commands import ExpireMembership, StartMembership
 from schemas.common import format_time
 from service.infra import db, metrics
 from service.infra.settings import Settings
+from service.write.outbox import time_text
 
 log = logging.getLogger("segmentation.ttl")
 
@@ -42,28 +44,43 @@ class End:
     """One end of a membership the scheduler watches: where its due items are and which command they become."""
 
     kind: str  # "start" | "expire": the command id's prefix
+    command: type[ExpireMembership | StartMembership]
+    at: str  # the command's field of the due time
     due: str
     next_due: str
     oldest_due: str
     published: Counter
 
-    def command(self, command_id: str, row: asyncpg.Record, now: datetime) -> ExpireMembership | StartMembership:
-        if self.kind == "start":
-            return StartMembership(command_id=command_id, user_id=row["user_id"], slug=row["slug"],
-                                   starts_at=row["at"], issued_at=now)
-        return ExpireMembership(command_id=command_id, user_id=row["user_id"], slug=row["slug"],
-                                expires_at=row["at"], issued_at=now)
+    def payload(self, command_id: str, row: asyncpg.Record, issued_at: datetime) -> bytes:
+        """The command's JSON, written by hand (same fields, same order as `command`'s model_dump_json): one per
+        due item of a burst; the values come from the database."""
+        return orjson.dumps({
+            "command_id": command_id, "issued_at": time_text(issued_at), "type": self.command.__name__,
+            "user_id": row["user_id"], "slug": row["slug"], self.at: time_text(row["at"]),
+        })
 
 
-STARTS = End("start", sql.DUE_STARTS, sql.NEXT_START, sql.OLDEST_DUE_START, metrics.TTL_STARTS)
-EXPIRIES = End("expire", sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, sql.OLDEST_DUE_EXPIRY, metrics.TTL_EXPIRIES)
+STARTS = End("start", StartMembership, "starts_at", sql.DUE_STARTS, sql.NEXT_START, sql.OLDEST_DUE_START,
+             metrics.TTL_STARTS)
+EXPIRIES = End("expire", ExpireMembership, "expires_at", sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, sql.OLDEST_DUE_EXPIRY,
+               metrics.TTL_EXPIRIES)
 ENDS = (STARTS, EXPIRIES)  # starts first: a start and its expiry due in one pass go out in that order
 
 
 def command_id(secret: bytes, kind: str, user_id: int, slug: str, at: datetime) -> str:
     """Deterministic for whoever holds `secret`, unguessable for anyone else."""
-    digest = hmac.new(secret, f"{kind}|{user_id}|{slug}|{format_time(at)}".encode(), hashlib.sha256).hexdigest()
+    digest = hmac.new(secret, f"{kind}|{user_id}|{slug}|{time_text(at)}".encode(), hashlib.sha256).hexdigest()
     return f"{kind}:{user_id}:{digest[:32]}"
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One command to publish (a `leader.Message`)."""
+
+    command_id: str
+    key: bytes
+    payload: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -142,37 +159,54 @@ class TtlProducer(leader.LeaderLoop):
         return (asyncio.get_running_loop().time() - sent.at >= REPUBLISH_AFTER.total_seconds()
                 and positions.get(sent.partition, 0) > sent.offset)
 
+    def record_sent(self, sends: leader.Round) -> None:
+        """Where each acknowledged command went (the first failure is raised: the leader starts over)."""
+        at = asyncio.get_running_loop().time()
+        for part, taken, outcome in sends:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            for i, command in enumerate(taken):  # a batch's messages follow its first one's offset
+                self.sent[command.command_id] = Sent(part.number, outcome.offset + i, at)
+
     async def publish_due(self, conn: asyncpg.Connection, end: End, now: datetime, cursor: tuple,
                           positions: dict[int, int], seen: set[str] | None = None) -> tuple:
         """Publish every item of `end` due at `now` after `cursor` not published yet (or due again); returns the
         new cursor. `seen` collects the ids of every due item."""
+        topic = self.settings.commands_topic
         while True:
             rows = await conn.fetch(end.due, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
                 return cursor
-            futures, ids = [], []
+            numbers = sorted(await self.producer.partitions_for(topic))
+            partitions: dict[int, leader.Partition[Outgoing]] = {}
+            count = 0
             for r in rows:
                 cid = command_id(self.secret, end.kind, r["user_id"], r["slug"], r["at"])
                 if seen is not None:
                     seen.add(cid)
                 if cid in self.sent and not self.due_again(self.sent[cid], positions):
                     continue
-                cmd = end.command(cid, r, now)
-                futures.append(await self.producer.send(
-                    self.settings.commands_topic, value=cmd.model_dump_json().encode(), key=str(r["user_id"]).encode()))
-                ids.append(cid)
-            acknowledged = await self.acknowledged(futures)  # bounded: a leader that cannot publish steps down
-            at = asyncio.get_running_loop().time()
-            self.sent.update({cid: Sent(m.partition, m.offset, at) for cid, m in zip(ids, acknowledged, strict=True)})
-            end.published.inc(len(futures))
-            self.published += len(futures)
-            if futures:
+                key = str(r["user_id"]).encode()
+                number = leader.partition_of(key, numbers)
+                if (part := partitions.get(number)) is None:
+                    part = partitions[number] = leader.Partition(topic, number)
+                part.rows.append(Outgoing(cid, key, end.payload(cid, r, now)))
+                count += 1
+            # In producer batches per partition, bounded: a leader that cannot publish steps down.
+            await self.send_rounds(partitions.values(), self.record_sent, _too_large)
+            end.published.inc(count)
+            self.published += count
+            if count:
                 log.info(f"{end.kind} commands published",
-                         extra={"count": len(futures), "up_to": format_time(rows[-1]["at"])})
+                         extra={"count": count, "up_to": format_time(rows[-1]["at"])})
             last = rows[-1]
             cursor = (last["at"], last["user_id"], last["segment_id"])
             if len(rows) < self.settings.ttl_batch_max:
                 return cursor
+
+
+def _too_large(command: Outgoing) -> None:
+    raise ValueError(f"command {command.command_id} is larger than a producer batch")
 
 
 async def measure_lag(conn: asyncpg.Connection, end: End) -> None:

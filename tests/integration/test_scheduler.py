@@ -3,6 +3,8 @@ import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
 
+from aiokafka.partitioner import DefaultPartitioner
+
 from producers import ttl as scheduler
 from schemas import CreateSegment, ExpireMembership, UpdateUserSegments
 from schemas.common import format_time
@@ -112,6 +114,31 @@ async def test_a_schedule_whose_start_and_end_fall_in_the_same_second(settings):
         history = await stack.query("SELECT operation, reason, occurred_at FROM membership_history "
                                     "WHERE slug = $1 ORDER BY id", seg)
         assert [tuple(h) for h in history] == [("added", "scheduled", starts_at), ("removed", "expired", expires_at)]
+
+
+async def test_each_command_is_recorded_where_the_broker_put_it_on_its_keys_partition(conn, settings):
+    """Sent in producer batches per partition: each command lands where aiokafka's default partitioner puts its
+    key, and the scheduler records that partition and offset (what `due_again` compares the worker's with)."""
+    f = Feeder(conn)
+    at = (f.now + timedelta(seconds=1)).isoformat()
+    await f.apply(create("A"), *[update_user(f"u{u}", u, add=[{"slug": "A", "expires_at": at}]) for u in range(1, 301)])
+    producer = scheduler.TtlProducer(settings.model_copy(update={"ttl_batch_max": 120}))  # pages of 120
+    producer.secret = b"k"
+    await producer.producer.start()
+    try:
+        await producer.publish_due(conn, scheduler.EXPIRIES, f.now + timedelta(seconds=2), scheduler.ORIGIN, {})
+    finally:
+        await producer.producer.stop()
+    published = await commands_published(settings)
+    assert len(published) == 300 == len(producer.sent)
+    partitions = list(range(settings.commands_partitions))
+    for r in published:
+        command = ExpireMembership.model_validate_json(r.value)
+        assert r.key == str(command.user_id).encode()
+        assert r.partition == DefaultPartitioner()(r.key, partitions, partitions)
+        sent = producer.sent[command.command_id]
+        assert (sent.partition, sent.offset) == (r.partition, r.offset)
+    assert len({r.partition for r in published}) > 1
 
 
 def _lag(kind: str) -> float:

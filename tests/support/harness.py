@@ -132,19 +132,34 @@ async def read_all(settings, topic: str) -> list:
 
 
 class FakeProducer:
-    """Records what is sent (partition 0, offsets in order); every send fails while `fail` is set."""
+    """Records what is sent in batches (one partition, offsets in order); every send fails while `fail` is set."""
 
     def __init__(self, fail: bool = False):
         self.fail, self.sent = fail, []
 
-    async def send(self, topic, value=None, key=None):
+    async def partitions_for(self, topic):
+        return {0}
+
+    def create_batch(self):
+        return _FakeBatch()
+
+    async def send_batch(self, batch, topic, partition):
         fut = asyncio.get_running_loop().create_future()
         if self.fail:
             fut.set_exception(KafkaTimeoutError())
         else:
-            self.sent.append(value)
-            fut.set_result(RecordMetadata(topic, 0, None, len(self.sent) - 1, -1, None, 0))
+            fut.set_result(RecordMetadata(topic, partition, None, len(self.sent), -1, None, 0))
+            self.sent += batch.values
         return fut
+
+
+class _FakeBatch:
+    def __init__(self):
+        self.values = []
+
+    def append(self, key, value, timestamp, headers):
+        self.values.append(value)
+        return True
 
 
 def cid() -> str:
