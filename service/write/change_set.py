@@ -67,9 +67,8 @@ class ChangeSet:
 
     def record_changes(self, changes: list[Change], command_id: str | None) -> None:
         for c in changes:
-            self.history.append(
-                (c.user_id, c.segment.slug, c.segment.id, c.change, c.occurred_at, c.reason, command_id)
-            )
+            self.history.append((c.user_id, c.segment.slug, c.segment.id, c.change, c.occurred_at, c.reason, command_id,
+                                 c.expires_at if c.change == "added" else None))  # a history row: an add's expiry
             self.outbox.append(membership_event(c, command_id))
             if c.change == "added" and c.expires_at is not None:
                 self.due_at(c.expires_at)

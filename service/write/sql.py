@@ -126,7 +126,7 @@ SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[])
 ON CONFLICT DO NOTHING
 """
 
-HISTORY_COLUMNS = ("user_id", "slug", "segment_id", "operation", "occurred_at", "reason", "command_id")
+HISTORY_COLUMNS = ("user_id", "slug", "segment_id", "operation", "occurred_at", "reason", "command_id", "expires_at")
 OUTBOX_COLUMNS = ("kind", "key", "payload", "event_id", "headers")
 NOTIFY_OUTBOX = "SELECT pg_notify('segmentation_outbox', '')"
 NOTIFY_TTL = "SELECT pg_notify('segmentation_ttl', $1)"
@@ -154,6 +154,7 @@ def _fan_out(changed_cte: str, change: str, reason: str, occurred: str = "$3::ti
              occurred_text: str = "$4::text", expires_text: str = "NULL", before: str = "") -> str:
     """`changed_cte` returns (user_id, expires_at); `reason` and `occurred` are SQL over those columns. `before`:
     CTEs ahead of it (a data-modifying CTE must sit at the top level, not inside `changed`)."""
+    history_expiry = "expires_at" if change == "added" else "NULL"  # a history row: an add's expiry
     return f"""
 WITH {before}changed AS ({changed_cte}),
 rows AS (
@@ -163,8 +164,8 @@ rows AS (
     FROM changed
 ),
 history AS (
-    INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason, command_id)
-    SELECT user_id, $2, $1, '{change}', occurred_at, reason, $5 FROM rows
+    INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason, command_id, expires_at)
+    SELECT user_id, $2, $1, '{change}', occurred_at, reason, $5, {history_expiry} FROM rows
 ),
 published AS (
     INSERT INTO outbox (kind, key, payload, event_id)

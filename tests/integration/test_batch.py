@@ -400,3 +400,32 @@ async def test_a_record_that_keeps_timing_out_is_quarantined_after_bounded_retri
     finally:
         await worker.consumer.stop()
         await pool.close()
+
+
+async def test_each_history_row_of_an_add_keeps_the_expiry_that_add_gave(conn):
+    """Every writer of an `added` row says its expiry: the change set (an add, a later add in the same batch that
+    changes the expiry, a scheduled start) and the set-based bulk add; removals and rollout joins carry none."""
+    f = Feeder(conn)
+    first, second = f.now + timedelta(hours=1), f.now + timedelta(hours=2)
+    starts, ends = f.now + timedelta(minutes=5), f.now + timedelta(hours=3)
+    await f.apply(create("A"), create("B"), create("R", percent=100),
+                  update_user("one", 1, add=[{"slug": "A", "expires_at": first.isoformat()}]),
+                  update_user("two", 1, add=[{"slug": "A", "expires_at": second.isoformat()}], remove=["B"]),
+                  update_user("three", 2, add=[{"slug": "B", "starts_at": starts.isoformat(),
+                                                "expires_at": ends.isoformat()}]),
+                  {"type": "UpdateSegmentMembers", "command_id": "bulk", "slug": "B", "add": [3, 4],
+                   "expires_at": second.isoformat()})
+    f.now = starts
+    await f.apply({"type": "StartMembership", "command_id": "start", "user_id": 2, "slug": "B",
+                   "starts_at": starts.isoformat()})
+    rows = await conn.fetch("SELECT command_id, user_id, slug, operation, reason, expires_at FROM membership_history "
+                            "ORDER BY id")
+    order = ["one", "two", "bulk", "start"]  # a bulk statement's rows in no particular order
+    assert sorted((tuple(r) for r in rows if r["slug"] != "R"), key=lambda r: (order.index(r[0]), r[1])) == [
+        ("one", 1, "A", "added", "command", first),
+        ("two", 1, "A", "added", "command", second),
+        ("bulk", 3, "B", "added", "command", second),
+        ("bulk", 4, "B", "added", "command", second),
+        ("start", 2, "B", "added", "scheduled", ends),
+    ]
+    assert {r["expires_at"] for r in rows if r["slug"] == "R"} == {None}  # rollout joins
