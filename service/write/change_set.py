@@ -95,7 +95,7 @@ class ChangeSet:
         if self.history:
             await conn.copy_records_to_table("membership_history", records=self.history, columns=sql.HISTORY_COLUMNS)
         if self.processed:
-            await conn.execute(sql.STORE_PROCESSED, *map(list, zip(*self.processed, strict=True)))
+            await conn.copy_records_to_table("processed_commands", records=self.processed, columns=sql.PROCESSED_COLUMNS)
         if self.outbox:
             await conn.copy_records_to_table(
                 "outbox", records=[r.record() for r in self.outbox], columns=sql.OUTBOX_COLUMNS

@@ -31,10 +31,8 @@ WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = n.partition
 FIND_PROCESSED = """
 SELECT command_id, body_hash, result FROM processed_commands WHERE command_id = ANY($1::text[])
 """
-STORE_PROCESSED = """
-INSERT INTO processed_commands (command_id, type, body_hash, result, processed_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-"""
+# Stored with COPY (a plain insert: an id stored meanwhile by another partition fails on the key, see next_step).
+PROCESSED_COLUMNS = ("command_id", "type", "body_hash", "result", "processed_at")
 
 # --- segments -----------------------------------------------------------------------------------------
 # FOR SHARE to assign users (in id order), FOR UPDATE to delete or change a segment. A run locks the segments
