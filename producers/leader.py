@@ -13,7 +13,6 @@ from typing import Any, Generic, Protocol, TypeVar
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 from prometheus_client import Gauge
 
 from producers import sql
@@ -126,7 +125,7 @@ class Partition(Generic[M]):
 def partition_of(key: bytes | None, numbers: list[int]) -> int:
     """The partition aiokafka's default partitioner (murmur2, the Java client's) picks for `key` among `numbers`
     (the topic's partitions, sorted); a message without a key goes to the first."""
-    return numbers[(murmur2(key) & 0x7FFFFFFF) % len(numbers)] if key is not None else numbers[0]
+    return numbers[(kafka.murmur2(key) & 0x7FFFFFFF) % len(numbers)] if key is not None else numbers[0]
 
 
 # What a round's sends came to: each partition, the messages of its batch, and the batch's outcome (its

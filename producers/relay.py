@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import get_args
@@ -151,9 +152,9 @@ class OutboxRelay(leader.LeaderLoop):
                              "retry_in_seconds": pause})
             raise
         now = datetime.now(UTC)
-        for r in rows:
-            metrics.PUBLISH_LATENCY.observe((now - r.created_at).total_seconds())
-            metrics.OUTBOX_PUBLISHED.labels(r.kind).inc()
+        for (created_at, kind), n in Counter((r.created_at, r.kind) for r in rows).items():  # a transaction's rows
+            metrics.observe_many(metrics.PUBLISH_LATENCY, (now - created_at).total_seconds(), n)  # share their age
+            metrics.OUTBOX_PUBLISHED.labels(kind).inc(n)
         self.published += len(rows)
         return len(rows)
 
@@ -162,6 +163,7 @@ class OutboxRelay(leader.LeaderLoop):
         per partition (see `send_rounds`)."""
         partitions: dict[tuple[str, int], leader.Partition[Row]] = {}
         counts: dict[str, list[int]] = {}
+        numbered: dict[tuple[str, bytes | None], int] = {}  # a user's events of one claim share their key
         for r in rows:
             topic = self.topics[r.kind]
             if topic not in counts:
@@ -171,7 +173,8 @@ class OutboxRelay(leader.LeaderLoop):
                     if _refusal(exc):
                         raise TopicRefused(r.kind, exc) from exc
                     raise
-            number = leader.partition_of(r.key, counts[topic])
+            if (number := numbered.get((topic, r.key), -1)) < 0:
+                number = numbered[topic, r.key] = leader.partition_of(r.key, counts[topic])
             if (part := partitions.get((topic, number))) is None:
                 part = partitions[topic, number] = leader.Partition(topic, number)
             part.rows.append(r)

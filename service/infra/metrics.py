@@ -1,4 +1,6 @@
 """Prometheus metrics of every process (the API serves /metrics, the others a metrics port)."""
+import bisect
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 COMMANDS = Counter("segmentation_commands_total", "Commands processed", ["type", "status"])
@@ -34,6 +36,14 @@ TTL_ACTIVE = Gauge("segmentation_ttl_active", "1 while this TTL producer holds t
 HTTP_REQUESTS = Counter("segmentation_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_LATENCY = Histogram("segmentation_http_request_seconds", "HTTP request latency", ["route"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+
+
+def observe_many(histogram: Histogram, value: float, count: int) -> None:
+    """What `count` calls of `histogram.observe(value)` record, at the cost of one (the relay's rows of one
+    transaction share their age: a call per row was a tenth of its CPU). It reaches into prometheus_client's
+    Histogram (its bounds, bucket and sum values); a unit test holds it equal to the loop of observe()."""
+    histogram._sum.inc(value * count)
+    histogram._buckets[bisect.bisect_left(histogram._upper_bounds, value)].inc(count)
 
 
 def serve(port: int) -> None:
