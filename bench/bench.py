@@ -7,7 +7,7 @@
   2. TTL lag, rollout fan-out, GET /segments with two segments empty and then of 10 % of the registered users.
 
     make bench
-    .venv/bin/python bench/bench.py --workers 2 --relays 2
+    .venv/bin/python bench/bench.py --workers 1 --relays 2
     .venv/bin/python bench/bench.py --commands 10000 --users 100000     # a quicker pass
 
 Absolute figures move by half between machines and with other load: read the ratios.
@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--ttl-users", type=int, default=10_000)
     parser.add_argument("--ttl-lead", type=float, default=30.0,
                         help="Seconds from seeding to expires_at (seeding must finish first, on a loaded machine too).")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Worker processes (2 on 2 cores: one's Python runs while the other waits on PostgreSQL).")
     parser.add_argument("--relays", type=int, default=1)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
