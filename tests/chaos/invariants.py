@@ -26,7 +26,7 @@ import aiohttp
 from tests.chaos.cluster import Cluster
 from tests.chaos.load import Load
 
-INVARIANTS = ("stored", "published", "fold", "excluded", "expired", "dlq")
+INVARIANTS = ("stored", "published", "fold", "excluded", "expired", "orphan", "dlq")
 
 
 @dataclass
@@ -152,6 +152,12 @@ async def check(cluster: Cluster, load: Load) -> Report:
         "WHERE m.expires_at < now()")]
     v["expired"] += [("folded membership past its expiry", user, slug, exp) for user, slugs in folded.items()
                      for slug, exp in slugs.items() if exp is not None and exp < now]
+
+    # Nothing enforces it but the write path's locks (migration 009 dropped the foreign key): no membership of a
+    # segment that does not exist or was deleted (a deletion removes its members in the same transaction).
+    v["orphan"] += [("membership of a missing or deleted segment", r["user_id"], r["segment_id"]) for r in await cluster.sql(
+        "SELECT m.user_id, m.segment_id FROM memberships m LEFT JOIN segments s ON s.id = m.segment_id "
+        "WHERE s.id IS NULL OR s.deleted_at IS NOT NULL")]
 
     dead = {msg.value for msg, _ in load.collector.messages[s.dlq_topic]}
     v["dlq"] += [("not in the DLQ", value) for value in load.malformed if value not in dead]
