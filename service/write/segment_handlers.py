@@ -77,7 +77,9 @@ async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
 
 async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices: AsyncIterator[tuple]) -> int:
     """Apply a fan-out `statement` (its users the last arguments: a slice) to each slice, in the caller's
-    transaction; returns the events written."""
+    transaction; returns the events written. With the bulk work_mem: a slice's outbox rows are sorted by user in
+    memory (with the default 4 MB, 20 000 of them spilled to disk)."""
+    await conn.execute(sql.BULK_WORK_MEM)
     events = 0
     async for piece in slices:
         events += await conn.fetchval(statement, *args, *piece)
