@@ -39,8 +39,9 @@ HTTP_LATENCY = Histogram("segmentation_http_request_seconds", "HTTP request late
 
 
 def observe_many(histogram: Histogram, value: float, count: int) -> None:
-    """What `count` calls of `histogram.observe(value)` record, at the cost of one (the relay's rows of one
-    transaction share their age: a call per row was a tenth of its CPU). It reaches into prometheus_client's
+    """What `count` calls of `histogram.observe(value)` record (a finite value, an unlabelled histogram), at the cost of
+    one (the relay's rows of one transaction share their age: a call per row was a tenth of its CPU). It reaches into
+    prometheus_client's
     Histogram (its bounds, bucket and sum values); a unit test holds it equal to the loop of observe()."""
     histogram._sum.inc(value * count)
     histogram._buckets[bisect.bisect_left(histogram._upper_bounds, value)].inc(count)

@@ -4,7 +4,7 @@ import json
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
@@ -109,24 +109,34 @@ def workers(settings, count: int):
                 p.kill()
 
 
-async def _run_until_progress(stack) -> tuple[dict[str, str], int, asyncio.Task]:
-    """Segments, then the 5 000 commands; returns once some of them are applied, the rest maybe still being published
-    (the task: await it before checking). Waiting for the whole burst to be out first let the workers finish it
-    before the fault."""
+@asynccontextmanager
+async def _run_until_progress(stack):
+    """Segments, then the 5 000 commands; yields (slugs, total, the publishing task) once some of them are applied,
+    the rest maybe still being published: waiting for the whole burst to be out first let the workers finish it
+    before the fault. A publish that fails fails the test; the task never outlives the block."""
     slugs = await _setup(stack)
     publishing = asyncio.create_task(publish_commands(stack, slugs))
-    await wait_until(lambda: _at_least(processed(stack), 300), timeout=60, message="progress")
-    return slugs, USERS * len(ROUNDS), publishing
+
+    async def progress() -> bool:
+        if publishing.done():
+            publishing.result()  # raises what the publishing raised
+        return await _at_least(processed(stack), 300)
+
+    try:
+        await wait_until(progress, timeout=60, message="progress")
+        yield slugs, USERS * len(ROUNDS), publishing
+    finally:
+        publishing.cancel()
 
 
 async def test_sigkill_of_the_worker_mid_run_loses_nothing_and_doubles_nothing(crash_settings):
     async with Stack(crash_settings, workers=0) as stack:
         with workers(crash_settings, 1) as (first,):
-            slugs, total, publishing = await _run_until_progress(stack)
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
-            assert await processed(stack) < total + 2, "the worker finished before it was killed"
-            assert await publishing == total
+            async with _run_until_progress(stack) as (slugs, total, publishing):
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+                assert await processed(stack) < total + 2, "the worker finished before it was killed"
+                assert await publishing == total
         with workers(crash_settings, 1):
             await check_exactly_once(stack, slugs, total)
 
@@ -134,28 +144,28 @@ async def test_sigkill_of_the_worker_mid_run_loses_nothing_and_doubles_nothing(c
 async def test_two_workers_one_killed_mid_run(crash_settings):
     async with Stack(crash_settings, workers=0) as stack:
         with workers(crash_settings, 2) as (first, _second):
-            slugs, total, publishing = await _run_until_progress(stack)
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
-            assert await processed(stack) < total + 2, "the work was done before one worker was killed"
-            assert await publishing == total
+            async with _run_until_progress(stack) as (slugs, total, publishing):
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+                assert await processed(stack) < total + 2, "the work was done before one worker was killed"
+                assert await publishing == total
             await check_exactly_once(stack, slugs, total)
 
 
 async def test_sigterm_mid_stream_finishes_the_batch_and_loses_nothing(crash_settings):
     async with Stack(crash_settings, workers=0) as stack:
         with workers(crash_settings, 1) as (first,):
-            slugs, total, publishing = await _run_until_progress(stack)
-            first.send_signal(signal.SIGTERM)
-            started = asyncio.get_running_loop().time()
-            code = await asyncio.get_running_loop().run_in_executor(None, first.wait, 15)
-            assert code == 0
-            assert asyncio.get_running_loop().time() - started < 10
-            done = await processed(stack)
-            assert done < total + 2, "the worker finished before it was stopped"
-            assert await publishing == total
-            # No half-applied batch: the stored offsets account for exactly the commands applied.
-            offsets = await stack.query("SELECT sum(next_offset) AS n FROM consumer_offsets")
-            assert offsets[0]["n"] == done
+            async with _run_until_progress(stack) as (slugs, total, publishing):
+                first.send_signal(signal.SIGTERM)
+                started = asyncio.get_running_loop().time()
+                code = await asyncio.get_running_loop().run_in_executor(None, first.wait, 15)
+                assert code == 0
+                assert asyncio.get_running_loop().time() - started < 10
+                done = await processed(stack)
+                assert done < total + 2, "the worker finished before it was stopped"
+                assert await publishing == total
+                # No half-applied batch: the stored offsets account for exactly the commands applied.
+                offsets = await stack.query("SELECT sum(next_offset) AS n FROM consumer_offsets")
+                assert offsets[0]["n"] == done
         with workers(crash_settings, 1):
             await check_exactly_once(stack, slugs, total)
