@@ -26,7 +26,7 @@ from schemas.commands import ExpireMembership, StartMembership
 from schemas.common import format_time
 from service.infra import db, metrics
 from service.infra.settings import Settings
-from service.write.outbox import time_text
+from service.write.decoding import time_text
 
 log = logging.getLogger("segmentation.ttl")
 

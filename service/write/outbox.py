@@ -5,7 +5,6 @@ statement for a million members, never a Python loop.
 """
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,11 +14,10 @@ import orjson
 import uuid_utils
 
 from schemas import cloudevents
-from schemas.common import format_time
 from schemas.events import SegmentChanged
 from service.domain import Change
 from service.infra.settings import Settings
-from service.write.decoding import InboundRecord
+from service.write.decoding import InboundRecord, time_text
 
 Kind = Literal["membership", "segment", "result", "dlq"]  # the outbox.kind column
 DLQ_MAX_BYTES = 900_000  # key + value of a dead letter
@@ -98,10 +96,6 @@ def published_headers(kind: str, key: bytes | None, payload: bytes | None, event
 def new_id() -> str:
     """A random (v4) UUID as text; uuid_utils is an order of magnitude cheaper than uuid.uuid4."""
     return str(uuid_utils.uuid4())
-
-
-# The instants of a batch repeat (its `now`, a shared expires_at): each is formatted once.
-time_text = functools.lru_cache(maxsize=1024)(format_time)
 
 
 def membership_event(change: Change, command_id: str | None) -> OutboxRow:

@@ -1,8 +1,14 @@
 """What is a command and what is a dead letter."""
+import hashlib
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from schemas.commands import ExpireMembership, StartMembership
+from schemas.common import SLUG_PATTERN
 from service.write.decoding import InboundRecord, body_hash, decode
 
 
@@ -36,3 +42,17 @@ def test_a_command_decodes_once_with_a_hash_that_ignores_issued_at():
     assert a.command is not None and a.error_code is None
     assert a.body_hash == b.body_hash == body_hash(a.command)
     assert a.body_hash != c.body_hash
+
+
+@settings(max_examples=150, deadline=None)
+@given(kind=st.sampled_from([ExpireMembership, StartMembership]),
+       command_id=st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=128),
+       user_id=st.integers(1, 2**63 - 1), slug=st.from_regex(SLUG_PATTERN, fullmatch=True),
+       at=st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                                  timezone(timedelta(hours=-11))]),
+                       min_value=datetime(1900, 1, 2), max_value=datetime(9999, 12, 30)))
+def test_the_scheduler_commands_hand_written_body_hash_is_the_models(kind, command_id, user_id, slug, at):
+    field = "expires_at" if kind is ExpireMembership else "starts_at"
+    command = kind(command_id=command_id, user_id=user_id, slug=slug, issued_at=at, **{field: at})
+    canonical = command.model_dump_json(exclude={"issued_at"}).encode()
+    assert body_hash(command) == hashlib.sha256(canonical).hexdigest()
