@@ -1,7 +1,7 @@
 """TTL lag: N memberships (distinct users) expiring in the same second, from `expires_at` until the bench consumer
 receives each `removed`/`expired` MembershipChanged event. Everything goes through Kafka on the embedded stack:
 UpdateUserSegments commands with one `expires_at` (a whole second, --lead seconds ahead), all results awaited,
-then the membership-changed topic is tailed until every expiry event has arrived. Target: max lag <= 2 s.
+then the membership-changed topic is tailed until every expiry event has arrived. Target: max lag <= 1 s.
 
     .venv/bin/python bench/ttl_lag.py                     # 10 000 memberships
     .venv/bin/python bench/ttl_lag.py --users 1000 --lead 5
