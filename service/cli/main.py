@@ -84,11 +84,18 @@ def ttl() -> None:
 
 
 @app.command()
-def api() -> None:
+def api(processes: int | None = typer.Option(
+        None, min=1, help="Processes to start on the one port (default: API_PROCESSES, 1).")) -> None:
     """Run the read-only HTTP API (metrics at /metrics)."""
+    settings = _settings()
+    count = settings.api_processes if processes is None else processes
+    if count > 1:
+        from service.dev import supervisor
+
+        raise typer.Exit(supervisor.serve_api(count))
     from service.read.api import main
 
-    _run_process(main(_settings()))
+    _run_process(main(settings))
 
 
 @app.command()

@@ -1,14 +1,18 @@
 """`segmentation dev`: embedded PostgreSQL and broker (unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS point
-elsewhere), topics, migrations, then worker, relay, TTL producer and API as child processes."""
+elsewhere), topics, migrations, then worker, relay, TTL producer and API as child processes. Also
+`segmentation api --processes N`: N API processes on one port, started again when they die."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from typing import NoReturn
 
@@ -35,14 +39,10 @@ Ctrl-C stops everything.
 
 
 def run(workers: int = 1, relays: int = 1) -> int:
-    # SIGTERM behaves like Ctrl-C from the first instant, so the servers are stopped even during start-up; and
-    # Ctrl-C works even where it was ignored when we started (a background job of a non-interactive shell).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_on_signals()
     settings = Settings()
     external_db = "DATABASE_URL" in os.environ
     external_kafka = "KAFKA_BOOTSTRAP_SERVERS" in os.environ
-    children: list[Child] = []
     try:
         with ExitStack() as stack:
             database = settings.database_url if external_db else stack.enter_context(embedded.postgres())
@@ -52,18 +52,55 @@ def run(workers: int = 1, relays: int = 1) -> int:
             env = os.environ | {"DATABASE_URL": database, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
             settings = Settings(database_url=database, kafka_bootstrap_servers=bootstrap)
             asyncio.run(_prepare(settings))
-            children += [Child(name, env) for name in PROCESSES
-                         for _ in range({"worker": workers, "relay": relays}.get(name, 1))]
-            try:  # a child started is a child stopped, even when Ctrl-C comes while the others start
-                for child in children:
-                    child.start()
-                print(TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
-                                 database=database), file=sys.stderr, flush=True)
-                _heal(children)
-            finally:
-                _stop(children)
+            children = [Child(name, env) for name in PROCESSES if name != "api"
+                        for _ in range({"worker": workers, "relay": relays}.get(name, 1))]
+            _supervise(children + api_children(env, settings.api_processes, stack), started=lambda: print(
+                TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
+                           database=database), file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         return 0
+
+
+def api_children(env: dict[str, str], processes: int, stack: ExitStack) -> list[Child]:
+    """`processes` API processes sharing one port (each `segmentation api --processes 1`, API_PROCESSES telling
+    it to bind with SO_REUSEPORT). Above one, their metrics go to a folder of their own (prometheus_client's
+    multiprocess mode, removed with `stack`), so that /metrics of any of them counts the requests of all."""
+    env = env | {"API_PROCESSES": str(processes)}
+    if processes > 1:
+        folder = tempfile.mkdtemp(prefix="segmentation-api-metrics-")
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return [Child("api", env, argv=[sys.executable, "-m", "service.cli", "api", "--processes", "1"])
+            for _ in range(processes)]
+
+
+def serve_api(processes: int) -> int:
+    """`segmentation api --processes N` (N > 1): the processes, started again when they die, until SIGTERM."""
+    _stop_on_signals()
+    try:
+        with ExitStack() as stack:
+            _supervise(api_children(dict(os.environ), processes, stack))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM behaves like Ctrl-C from the first instant, so the servers are stopped even during start-up; and
+    Ctrl-C works even where it was ignored when we started (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _supervise(children: list[Child], started: Callable[[], None] = lambda: None) -> NoReturn:
+    """Start the children, then heal them until KeyboardInterrupt; a child started is a child stopped, even when
+    Ctrl-C comes while the others start."""
+    try:
+        for child in children:
+            child.start()
+        started()
+        _heal(children)
+    finally:
+        _stop(children)
 
 
 class Child:

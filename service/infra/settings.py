@@ -54,6 +54,7 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    api_processes: int = Field(default=1, ge=1)  # API processes sharing http_port (SO_REUSEPORT) when above 1
     public_base_url: str | None = None
     api_tokens: str | None = None  # comma-separated bearer tokens or sha256:<hex> digests; unset: open
     metrics_port: int = 0

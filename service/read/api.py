@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from urllib.parse import urlencode
@@ -10,7 +11,7 @@ from urllib.parse import urlencode
 import asyncpg
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
 from schemas import openapi
@@ -282,7 +283,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=generate_latest(_metrics_registry()), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _metrics_registry() -> CollectorRegistry:
+    """This process's metrics; with several API processes (PROMETHEUS_MULTIPROC_DIR, set by `api_children`),
+    the sum over all of them, whichever answers the scrape."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -345,7 +356,9 @@ async def main(settings: Settings) -> None:
     await db.wait_for(settings.database_url)
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    # Several processes share the port (Linux SO_REUSEPORT spreads the connections); one alone keeps the
+    # "address in use" error of a second server started by mistake.
+    site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=settings.api_processes > 1)
     await site.start()
     log.info("api listening", extra={"url": f"http://{settings.http_host}:{settings.http_port}"})
     stopped = asyncio.Event()

@@ -1,10 +1,12 @@
 """Operations: metrics that move, the TTL producer's failover."""
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
@@ -169,3 +171,65 @@ async def test_stored_offsets_beyond_a_recreated_topics_end_start_again_at_its_b
     assert result.status == "applied"  # not skipped as "already applied"
     assert sample("segmentation_offset_resets_total", reason="beyond_log_end") >= before + 1
     assert any("beyond the end of the log" in r.getMessage() for r in caplog.records)
+
+
+async def test_api_processes_share_one_port_count_requests_together_and_are_started_again(settings, conn):
+    """`segmentation api --processes 2`: both children bind the port (SO_REUSEPORT); /metrics of whichever
+    answers sums the requests of both (prometheus_client's multiprocess mode); a child that dies is replaced."""
+    from service.dev import embedded
+    from tests.support.batch import Feeder, create, update_user
+
+    await Feeder(conn).apply(create("P"), update_user("p1", 7, add=["P"]))
+    port = embedded.free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--processes", "2"], cwd=ROOT,
+                              env=settings_env(settings.model_copy(update={"http_port": port})))
+    base = f"http://127.0.0.1:{port}"
+
+    async def api_pids() -> set[int]:
+        rows = await conn.fetch("SELECT application_name FROM pg_stat_activity WHERE application_name ~ "
+                                "'^segmentation-api-[0-9]+$' AND datname = current_database()")
+        return {int(r["application_name"].rsplit("-", 1)[1]) for r in rows}
+
+    async def children() -> set[int]:
+        return {int(p) for p in subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
+                                               text=True).stdout.split()}
+
+    async def answers(n: int) -> list[int]:
+        statuses = []
+        for _ in range(n):  # a connection each: the kernel spreads connections, not requests
+            async with aiohttp.ClientSession() as session, session.get(f"{base}/api/v1/users/7/segments") as r:
+                assert [s["slug"] for s in (await r.json())["segments"]] == ["P"]
+                statuses.append(r.status)
+        return statuses
+
+    async def counted() -> float:
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as r:
+            text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("segmentation_http_requests_total{")
+                   and 'route="/api/v1/users/{user_id}/segments"' in line)
+
+    try:
+        first = await wait_until(lambda: _two(children, None), message="two API children")
+        assert await wait_until(lambda: _same(api_pids, first), message="both children connected")
+        assert await answers(30) == [200] * 30
+        assert [await counted() for _ in range(4)] == [30.0] * 4  # whichever process answers the scrape
+        os.kill(dead := min(first), signal.SIGKILL)
+        healed = await wait_until(lambda: _two(children, dead), timeout=30, message="the dead child replaced")
+        assert max(first) in healed
+        await wait_until(lambda: _same(api_pids, healed), message="the new child connected")
+        assert await answers(10) == [200] * 10
+        assert await counted() == 40.0  # the dead child's requests still counted
+    finally:
+        parent.terminate()
+        assert parent.wait(30) == 0
+    assert not await children()
+
+
+async def _two(children, dead: int | None) -> set[int] | None:
+    found = await children()
+    return found if len(found) == 2 and dead not in found else None
+
+
+async def _same(api_pids, pids: set[int]) -> bool:
+    return await api_pids() == pids

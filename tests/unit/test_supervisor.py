@@ -25,3 +25,20 @@ def test_a_process_that_keeps_dying_is_restarted_after_pauses_growing_to_30_s_an
     child.proc.wait(30)
     child.check(now + Child.STABLE_SECONDS)  # it stayed up a minute before dying: back to a short pause
     assert child.pause == 1
+
+
+def test_api_children_share_the_port_and_above_one_a_metrics_folder_removed_at_the_end():
+    import os
+    from contextlib import ExitStack
+
+    from service.dev.supervisor import api_children
+
+    with ExitStack() as stack:
+        (alone,) = api_children({"HTTP_PORT": "8080"}, 1, stack)
+        assert alone.env == {"HTTP_PORT": "8080", "API_PROCESSES": "1"}  # one: no SO_REUSEPORT, plain metrics
+        three = api_children({"HTTP_PORT": "8080"}, 3, stack)
+        folder = three[0].env["PROMETHEUS_MULTIPROC_DIR"]
+        assert os.path.isdir(folder) and not os.listdir(folder)
+        assert [(c.env["API_PROCESSES"], c.env["PROMETHEUS_MULTIPROC_DIR"], c.argv[-3:]) for c in three] == [
+            ("3", folder, ["api", "--processes", "1"])] * 3
+    assert not os.path.exists(folder)
