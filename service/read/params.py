@@ -23,12 +23,15 @@ class InputError(Exception):
     """Bad input: answered 400 with the contract's error body."""
 
 
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def integer(value: str | None, name: str, low: int, high: int, required: bool = True) -> int | None:
     if value is None:  # absent; given but empty is not a number
         if required:
             raise InputError(f"{name} is required")
         return None
-    if not re.fullmatch(r"[0-9]{1,19}", value) or not low <= int(value) <= high:
+    if not _DIGITS.fullmatch(value) or not low <= int(value) <= high:
         raise InputError(f"{name} must be an integer from {low} to {high}")
     return int(value)
 

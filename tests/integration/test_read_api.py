@@ -421,3 +421,27 @@ async def test_a_connection_released_inside_a_transaction_comes_back_rolled_back
             assert not c.is_in_transaction() and await c.fetchval("SELECT 1") == 1
     finally:
         await pool.close()
+
+
+async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503_after_the_acquire_timeout(
+        conn, settings, monkeypatch):
+    """The hot path takes a free connection without asyncpg's timed acquire (a Task and a timer each); when
+    none is free, the wait is still bounded by ACQUIRE_TIMEOUT."""
+    from service.read import api
+
+    await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
+    monkeypatch.setattr(api, "ACQUIRE_TIMEOUT", 0.3)
+    async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1})) as http:
+        pool = http.server.app[api.POOL]
+        for _ in range(3):  # the one connection, taken and given back each time
+            r = await http.get("/api/v1/users/7/segments")
+            assert r.status == 200 and [s["slug"] for s in (await r.json())["segments"]] == ["A"]
+        assert pool.get_idle_size() == 1
+        async with pool.acquire():
+            started = asyncio.get_running_loop().time()
+            busy = await http.get("/api/v1/users/7/segments")
+            waited = asyncio.get_running_loop().time() - started
+            assert busy.status == 503 and (await busy.json())["error"]["code"] == "UNAVAILABLE"
+            assert 0.3 <= waited < 3
+        r = await http.get("/api/v1/users/7/segments")
+        assert r.status == 200 and pool.get_idle_size() == 1
