@@ -127,13 +127,15 @@ def topics() -> None:
 
 @app.command()
 def dev(workers: int = typer.Option(1, min=1, help="Worker processes to start."),
-        relays: int = typer.Option(1, min=1, help="Relay processes to start (they share the outbox shards).")) -> None:
+        relays: int = typer.Option(1, min=1, help="Relay processes to start (they share the outbox shards)."),
+        api_processes: int = typer.Option(2, min=1, envvar="API_PROCESSES",
+                                          help="API processes to start on the one HTTP port.")) -> None:
     """Everything on one machine: embedded PostgreSQL and broker, topics, migrations, all processes."""
     from service.dev import supervisor as dev_stack
 
     os.environ.setdefault("LOG_FORMAT", "text")  # a person reads these logs; the processes inherit it
     _settings()
-    raise typer.Exit(dev_stack.run(workers, relays))
+    raise typer.Exit(dev_stack.run(workers, relays, api_processes))
 
 
 @app.command("export-schemas")

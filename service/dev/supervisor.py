@@ -38,7 +38,7 @@ Ctrl-C stops everything.
 """
 
 
-def run(workers: int = 1, relays: int = 1) -> int:
+def run(workers: int = 1, relays: int = 1, api_processes: int = 1) -> int:
     _stop_on_signals()
     settings = Settings()
     external_db = "DATABASE_URL" in os.environ
@@ -54,7 +54,7 @@ def run(workers: int = 1, relays: int = 1) -> int:
             asyncio.run(_prepare(settings))
             children = [Child(name, env) for name in PROCESSES if name != "api"
                         for _ in range({"worker": workers, "relay": relays}.get(name, 1))]
-            _supervise(children + api_children(env, settings.api_processes, stack), started=lambda: print(
+            _supervise(children + api_children(env, api_processes, stack), started=lambda: print(
                 TRY.format(kafka=bootstrap, http_host=settings.http_host, http_port=settings.http_port,
                            database=database), file=sys.stderr, flush=True))
     except KeyboardInterrupt:

@@ -78,6 +78,7 @@ def test_scaling_and_kafka_producer_settings(ours):
     assert ours["worker"]["deploy"]["replicas"] == 2
     assert ours["init"]["environment"]["COMMANDS_PARTITIONS"] == "12"
     assert ours["api"]["environment"]["HTTP_HOST"] == "0.0.0.0"
+    assert ours["api"]["environment"]["API_PROCESSES"] == "2"
     assert "/readyz" in " ".join(ours["api"]["healthcheck"]["test"])
     for name, service in ours.items():
         env = service["environment"]
