@@ -426,18 +426,19 @@ async def test_a_connection_released_inside_a_transaction_comes_back_rolled_back
 async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503_after_the_acquire_timeout(
         conn, settings, monkeypatch):
     """The hot path takes a free connection without asyncpg's timed acquire (a Task and a timer each); when
-    none is free, the wait is still bounded by ACQUIRE_TIMEOUT."""
+    none is free (here: taken by a report in progress, through the same gate), the wait is still bounded."""
     from service.read import api
 
     await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
     monkeypatch.setattr(api, "ACQUIRE_TIMEOUT", 0.3)
     async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1})) as http:
-        pool = http.server.app[api.POOL]
+        app = http.server.app
+        pool = app[api.POOL]
         for _ in range(3):  # the one connection, taken and given back each time
             r = await http.get("/api/v1/users/7/segments")
             assert r.status == 200 and [s["slug"] for s in (await r.json())["segments"]] == ["A"]
         assert pool.get_idle_size() == 1
-        async with pool.acquire():
+        async with api._acquire(_Request(app)):
             started = asyncio.get_running_loop().time()
             busy = await http.get("/api/v1/users/7/segments")
             waited = asyncio.get_running_loop().time() - started
@@ -445,3 +446,32 @@ async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503
             assert 0.3 <= waited < 3
         r = await http.get("/api/v1/users/7/segments")
         assert r.status == 200 and pool.get_idle_size() == 1
+
+
+async def test_requests_waiting_for_a_connection_are_served_in_their_order_of_arrival(conn, settings):
+    from service.read import api
+
+    await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
+    async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1})) as http:
+        app = http.server.app
+        done: list[int] = []
+        held = api._acquire(_Request(app))
+        await held.__aenter__()
+        waiting = []
+        for n in range(4):
+            task = asyncio.create_task(http.get("/api/v1/users/7/segments"))
+            task.add_done_callback(lambda _, n=n: done.append(n))
+            waiting.append(task)
+            await wait_until(lambda n=n: _waiters(app[api.GATE], n + 1), message=f"request {n} waiting")
+        await held.__aexit__(None, None, None)
+        assert [r.status for r in await asyncio.gather(*waiting)] == [200] * 4
+        assert done == [0, 1, 2, 3]
+
+
+async def _waiters(gate, n: int) -> bool:
+    return len(gate._waiters or ()) == n
+
+
+class _Request:
+    def __init__(self, app):
+        self.app = app
