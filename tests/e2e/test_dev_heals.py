@@ -3,6 +3,7 @@ import json
 import signal
 import time
 import uuid
+from functools import partial
 
 import aiohttp
 import psutil
@@ -35,6 +36,11 @@ def children(proc, name: str) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+async def _replaced(proc, name: str, count: int, dead: int) -> bool:
+    now = children(proc, name)
+    return len(now) == count and dead not in {p.pid for p in now}
 
 
 class Probe:
@@ -102,11 +108,7 @@ async def test_each_process_sigkilled_is_restarted_and_the_stack_serves_within_3
             victim.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             await probe.round_trip(timeout=HEAL_SECONDS)
-
-            async def replaced():
-                now = children(proc, name)
-                return len(now) == 1 + len(others) and victim.pid not in {p.pid for p in now}
-
-            await wait_until(replaced, timeout=HEAL_SECONDS, message=f"{name} started again")
+            await wait_until(partial(_replaced, proc, name, 1 + len(others), victim.pid), timeout=HEAL_SECONDS,
+                             message=f"{name} started again")
             assert time.monotonic() - killed_at < HEAL_SECONDS, name
             assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE, "the supervisor died"

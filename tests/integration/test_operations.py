@@ -7,6 +7,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import psutil
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
@@ -181,8 +182,7 @@ async def test_api_processes_share_one_port_count_requests_together_and_are_star
 
     await Feeder(conn).apply(create("P"), update_user("p1", 7, add=["P"]))
     port = embedded.free_port()
-    parent = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--processes", "2"], cwd=ROOT,
-                              env=settings_env(settings.model_copy(update={"http_port": port})))
+    parent = start_api(settings.model_copy(update={"http_port": port}), 2)
     base = f"http://127.0.0.1:{port}"
 
     async def api_pids() -> set[int]:
@@ -191,8 +191,7 @@ async def test_api_processes_share_one_port_count_requests_together_and_are_star
         return {int(r["application_name"].rsplit("-", 1)[1]) for r in rows}
 
     async def children() -> set[int]:
-        return {int(p) for p in subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
-                                               text=True).stdout.split()}
+        return {p.pid for p in psutil.Process(parent.pid).children() if p.status() != psutil.STATUS_ZOMBIE}
 
     async def answers(n: int) -> list[int]:
         statuses = []
@@ -223,7 +222,12 @@ async def test_api_processes_share_one_port_count_requests_together_and_are_star
     finally:
         parent.terminate()
         assert parent.wait(30) == 0
-    assert not await children()
+    assert not any(psutil.pid_exists(pid) for pid in healed)
+
+
+def start_api(settings, processes: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--processes", str(processes)], cwd=ROOT,
+                            env=settings_env(settings))
 
 
 async def _two(children, dead: int | None) -> set[int] | None:

@@ -1,0 +1,47 @@
+"""The read row of `make bench` alone, in about a minute a round: the dev stack (`--api-processes N`), a user with
+3 explicit segments as bench.py seeds it, `wrk -t1 -c32 -d8s --latency` on the project, then naive_api.py under
+the same command; several rounds, each pair in the same minute, and the median ratio.
+
+    .venv/bin/python bench/read_row.py --rounds 4 --api-processes 2
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import uuid
+
+from common import dev_stack
+from streams import run_commands
+
+from bench import READ_USER, naive_read, wrk
+
+
+async def seed(settings) -> str:
+    run_id = uuid.uuid4().hex[:6]
+    slugs = [f"READ{i}_{run_id}" for i in range(3)]
+    await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
+                                  for s in slugs])
+    await run_commands(settings, [(str(READ_USER).encode(), {"type": "UpdateUserSegments", "command_id": f"{run_id}-u",
+                                                             "user_id": READ_USER, "add": slugs})])
+    return f"http://127.0.0.1:{settings.http_port}/api/v1/users/{READ_USER}/segments"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--api-processes", type=int, default=2)
+    args = parser.parse_args()
+    ratios = []
+    with dev_stack(2, extra_env={"API_PROCESSES": str(args.api_processes)}) as settings:
+        url = asyncio.run(seed(settings))
+        for _ in range(args.rounds):
+            (ours, ours_p99), (naive, naive_p99) = wrk(url), naive_read()
+            ratios.append(ours / naive)
+            print(f"project {ours:,.0f} req/s p99 {ours_p99:.1f} ms | naive {naive:,.0f} req/s p99 {naive_p99:.1f} ms"
+                  f" | ratio {ours / naive:.2f}", flush=True)
+    print(f"median ratio {statistics.median(ratios):.2f} over {len(ratios)} rounds")
+
+
+if __name__ == "__main__":
+    main()
