@@ -115,8 +115,10 @@ class _acquire:
     """`async with _acquire(request) as conn`: a pooled connection, waiting at most `timeout`. Every user of the
     pool passes a FIFO gate as wide as the pool first, so that one who waits is served in turn: asyncpg's queue
     lets a newcomer take a connection released to a woken waiter, which then waits again at the back (the p99
-    under load). Past the gate a connection is free, so the pool's untimed acquire is enough: it saves the Task
-    and timer of asyncpg's timed one (Python 3.11) on every request. The gate's wait is the one timed."""
+    under load). Past the gate a place in the pool is free; when a connected one waits idle, the pool's untimed
+    acquire takes it (it saves the Task and timer of asyncpg's timed one, Python 3.11, on every request); otherwise
+    the pool has to connect (a connection dropped by a partition, a failover, the idle timeout), and that is bounded
+    by what is left of `timeout` like the gate's wait (asyncpg's own connect timeout is 60 s)."""
 
     __slots__ = ("app", "timeout", "checkout")
 
@@ -124,13 +126,18 @@ class _acquire:
         self.app, self.timeout = request.app, ACQUIRE_TIMEOUT if timeout is None else timeout
 
     async def __aenter__(self) -> asyncpg.Connection:
-        gate = self.app[GATE]
+        gate, loop = self.app[GATE], asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         if gate.locked():
             await asyncio.wait_for(gate.acquire(), self.timeout)
         else:
             await gate.acquire()  # returns at once
         try:
-            self.checkout = self.app[POOL].acquire()
+            pool = self.app[POOL]
+            if pool.get_idle_size():
+                self.checkout = pool.acquire()
+            else:
+                self.checkout = pool.acquire(timeout=max(0.0, deadline - loop.time()))
             return await self.checkout.__aenter__()
         except BaseException:
             gate.release()

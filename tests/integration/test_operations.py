@@ -119,6 +119,37 @@ async def test_postgres_outage_the_service_waits_and_goes_on(pg_admin_url, templ
     assert sample("segmentation_batch_retries_total") > 0
 
 
+async def test_readyz_and_reads_answer_503_in_time_when_postgres_stops_answering(pg_admin_url, template_db,
+                                                                                 broker_bootstrap, tmp_path):
+    """The pool's connections cut, new ones accepted and never answered (a partition, a failover in progress): a
+    checkout that must connect again is bounded like any other wait, so readyz says 503 within its second and a read
+    within ACQUIRE_TIMEOUT, instead of hanging on asyncpg's 60 s connect."""
+    from service.read import api as read_api
+    from tests.support.faults import FaultProxy
+
+    proxy = await FaultProxy.for_postgres(await new_database(pg_admin_url), tmp_path).start()
+    settings = fast_settings(proxy.url, broker_bootstrap)
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    loop = asyncio.get_running_loop()
+    try:
+        assert (await client.get("/readyz")).status == 200
+        await proxy.set_mode("reset")
+        await proxy.set_mode("blackhole")
+        started = loop.time()
+        ready = await asyncio.wait_for(client.get("/readyz"), 15)
+        assert ready.status == 503 and loop.time() - started < 3
+        assert (await ready.json())["checks"]["postgres"].startswith("unreachable")
+        started = loop.time()
+        read = await asyncio.wait_for(client.get("/api/v1/users/7/segments"), 20)
+        assert read.status == 503 and loop.time() - started < read_api.ACQUIRE_TIMEOUT + 3
+        assert (await read.json())["error"]["code"] == "UNAVAILABLE"
+    finally:
+        await proxy.set_mode("pass")
+        await client.close()
+        await proxy.stop()
+
+
 async def _outage(settings, proxy, api) -> None:
     async with Stack(settings) as stack:
         await stack.request(CreateSegment(command_id=cid(), slug="OUT"))
