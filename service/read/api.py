@@ -61,7 +61,8 @@ def answer(model) -> web.Response:
 
 @web.middleware
 async def observe(request: web.Request, handler):
-    """Errors as the contract's body (a 405 keeps its Allow header); metrics by route and status."""
+    """Errors as the contract's body (a 405 keeps its Allow header), an unexpected one a 500; metrics by route and
+    status."""
     started = time.perf_counter()
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
@@ -79,6 +80,11 @@ async def observe(request: web.Request, handler):
         response = error(503, "UNAVAILABLE", "the database is unavailable, try again")
     except asyncpg.PostgresError:
         log.exception("query failed", extra={"path": request.path})
+        response = error(500, "INTERNAL", "internal error")
+    except ConnectionError:  # the client went away (a stream cut short): nothing to answer
+        raise
+    except Exception:  # a bug: the contract's body, and counted (the 5xx alert reads the counter)
+        log.exception("request failed", extra={"path": request.path})
         response = error(500, "INTERNAL", "internal error")
     _count(route, request.method, response.status, time.perf_counter() - started)
     return response

@@ -475,3 +475,25 @@ async def _waiters(gate, n: int) -> bool:
 class _Request:
     def __init__(self, app):
         self.app = app
+
+
+async def test_an_unexpected_error_is_a_counted_500_in_the_contracts_body(http, monkeypatch):
+    """A bug in a handler (not a database failure) still answers the contract's error body, and counts as a 500 in
+    the metric the 5xx alert reads (aiohttp's own 500 page was neither)."""
+    from prometheus_client import REGISTRY
+
+    from service.read import views
+
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("segmentation_http_requests_total", {
+            "route": "/api/v1/users/{user_id}/segments", "method": "GET", "status": "500"}) or 0.0
+
+    before = count()
+    monkeypatch.setattr(views, "user_segments", broken)
+    response = await http.get("/api/v1/users/7/segments")
+    assert response.status == 500
+    assert (await response.json())["error"]["code"] == "INTERNAL"
+    assert count() == before + 1
