@@ -72,6 +72,17 @@ async def segment_list_ms(settings, requests: int = 200) -> float:
     return percentile(took, 50) * 1000
 
 
+async def seed_read_user(settings) -> str:
+    """READ_USER in 3 new segments (the read measure's user); returns the URL of its segments."""
+    run_id = uuid.uuid4().hex[:6]
+    slugs = [f"READ{i}_{run_id}" for i in range(3)]
+    await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
+                                  for s in slugs])
+    await run_commands(settings, [(str(READ_USER).encode(), {"type": "UpdateUserSegments", "command_id": f"{run_id}-u",
+                                                             "user_id": READ_USER, "add": slugs})])
+    return f"http://127.0.0.1:{settings.http_port}/api/v1/users/{READ_USER}/segments"
+
+
 async def project(settings, args, naive: dict) -> dict:
     """The project's measures; each baseline runs right after its counterpart (the stack idle meanwhile), so
     that both see the same load of a shared machine."""
@@ -79,13 +90,7 @@ async def project(settings, args, naive: dict) -> dict:
     got["e2e"] = await throughput.run(settings, args.commands, 0, 0)
     naive["e2e"] = await asyncio.to_thread(naive_e2e, args.commands)
     run_id = uuid.uuid4().hex[:6]
-    slugs = [f"READ{i}_{run_id}" for i in range(3)]
-    await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
-                                  for s in slugs])
-    await run_commands(settings, [(str(READ_USER).encode(), {"type": "UpdateUserSegments", "command_id": f"{run_id}-u",
-                                                             "user_id": READ_USER, "add": slugs})])
-    url = f"http://127.0.0.1:{settings.http_port}/api/v1/users/{READ_USER}/segments"
-    got["read"] = await asyncio.to_thread(wrk, url)
+    got["read"] = await asyncio.to_thread(wrk, await seed_read_user(settings))
     print(f"read API, a user's 3 segments, {' '.join(WRK)}: {got['read'][0]:,.0f} requests/s, p99 {got['read'][1]:.1f} ms")
     naive["read"] = await asyncio.to_thread(naive_read)
     got["ttl"] = await ttl_lag.run(settings, args.ttl_users, args.ttl_lead, 60.0)

@@ -9,22 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import uuid
 
 from common import dev_stack
-from streams import run_commands
 
-from bench import READ_USER, naive_read, wrk
-
-
-async def seed(settings) -> str:
-    run_id = uuid.uuid4().hex[:6]
-    slugs = [f"READ{i}_{run_id}" for i in range(3)]
-    await run_commands(settings, [(s.encode(), {"type": "CreateSegment", "command_id": f"{run_id}-{s}", "slug": s})
-                                  for s in slugs])
-    await run_commands(settings, [(str(READ_USER).encode(), {"type": "UpdateUserSegments", "command_id": f"{run_id}-u",
-                                                             "user_id": READ_USER, "add": slugs})])
-    return f"http://127.0.0.1:{settings.http_port}/api/v1/users/{READ_USER}/segments"
+from bench import naive_read, seed_read_user, wrk
 
 
 def main() -> None:
@@ -34,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     ratios = []
     with dev_stack(2, extra_env={"API_PROCESSES": str(args.api_processes)}) as settings:
-        url = asyncio.run(seed(settings))
+        url = asyncio.run(seed_read_user(settings))
         for _ in range(args.rounds):
             (ours, ours_p99), (naive, naive_p99) = wrk(url), naive_read()
             ratios.append(ours / naive)
