@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
@@ -26,7 +25,7 @@ from schemas.commands import ExpireMembership, StartMembership
 from schemas.common import format_time
 from service.infra import db, metrics
 from service.infra.settings import Settings
-from service.write.decoding import time_text
+from service.write.decoding import scheduler_json, time_text
 
 log = logging.getLogger("segmentation.ttl")
 
@@ -45,24 +44,19 @@ class End:
 
     kind: str  # "start" | "expire": the command id's prefix
     command: type[ExpireMembership | StartMembership]
-    at: str  # the command's field of the due time
     due: str
     next_due: str
     oldest_due: str
     published: Counter
 
     def payload(self, command_id: str, row: asyncpg.Record, issued_at: datetime) -> bytes:
-        """The command's JSON, written by hand (same fields, same order as `command`'s model_dump_json): one per
-        due item of a burst; the values come from the database."""
-        return orjson.dumps({
-            "command_id": command_id, "issued_at": time_text(issued_at), "type": self.command.__name__,
-            "user_id": row["user_id"], "slug": row["slug"], self.at: time_text(row["at"]),
-        })
+        """The command's JSON (`decoding.scheduler_json`): one per due item of a burst."""
+        return scheduler_json(self.command.__name__, command_id, row["user_id"], row["slug"], row["at"], issued_at)
 
 
-STARTS = End("start", StartMembership, "starts_at", sql.DUE_STARTS, sql.NEXT_START, sql.OLDEST_DUE_START,
+STARTS = End("start", StartMembership, sql.DUE_STARTS, sql.NEXT_START, sql.OLDEST_DUE_START,
              metrics.TTL_STARTS)
-EXPIRIES = End("expire", ExpireMembership, "expires_at", sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, sql.OLDEST_DUE_EXPIRY,
+EXPIRIES = End("expire", ExpireMembership, sql.DUE_EXPIRIES, sql.NEXT_EXPIRY, sql.OLDEST_DUE_EXPIRY,
                metrics.TTL_EXPIRIES)
 ENDS = (STARTS, EXPIRIES)  # starts first: a start and its expiry due in one pass go out in that order
 

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 from pydantic import ValidationError
@@ -14,6 +15,17 @@ from schemas.common import format_time
 
 # The instants of a batch repeat (its `now`, a shared expires_at): each is formatted once.
 time_text = functools.lru_cache(maxsize=1024)(format_time)
+
+DUE_FIELD = {"ExpireMembership": "expires_at", "StartMembership": "starts_at"}  # a scheduler command's due time
+
+
+def scheduler_json(type_: str, command_id: str, user_id: int, slug: str, due: datetime,
+                   issued_at: datetime | None = None) -> bytes:
+    """A scheduler command's JSON written by hand, field for field as its model_dump_json (the scheduler's bursts
+    publish it, the worker hashes it); without `issued_at`, the body the hash is of."""
+    issued = {"issued_at": time_text(issued_at)} if issued_at is not None else {}
+    return orjson.dumps({"command_id": command_id, **issued, "type": type_, "user_id": user_id, "slug": slug,
+                         DUE_FIELD[type_]: time_text(due)})
 
 
 @dataclass(frozen=True)
@@ -51,9 +63,8 @@ class Decoded:
 def body_hash(command: Command) -> str:
     """Hash of the command's canonical body; `issued_at` is left out (a publisher may re-stamp a retry)."""
     if isinstance(command, SCHEDULER_COMMANDS):  # the scheduler's bursts: the same JSON, written by hand
-        at = "expires_at" if command.type == "ExpireMembership" else "starts_at"
-        body = orjson.dumps({"command_id": command.command_id, "type": command.type, "user_id": command.user_id,
-                             "slug": command.slug, at: time_text(getattr(command, at))})
+        body = scheduler_json(command.type, command.command_id, command.user_id, command.slug,
+                              getattr(command, DUE_FIELD[command.type]))
     else:
         body = command.model_dump_json(exclude={"issued_at"}).encode()
     return hashlib.sha256(body).hexdigest()

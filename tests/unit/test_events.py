@@ -97,11 +97,12 @@ def test_counters_that_alerts_take_increase_of_exist_at_zero_before_their_first_
 
 def test_the_schedulers_commands_match_their_models():
     from producers.ttl import ENDS
+    from service.write.decoding import DUE_FIELD
 
     for end in ENDS:
         for at in (NOW, NOW.replace(microsecond=0)):
             row = {"user_id": 2**63 - 1, "slug": "AVITO_VOICE_MESSAGES", "at": at}
             payload = end.payload("expire:1:ab", row, NOW)
             model = end.command(command_id="expire:1:ab", user_id=row["user_id"], slug=row["slug"],
-                                issued_at=NOW, **{end.at: at})
+                                issued_at=NOW, **{DUE_FIELD[end.command.__name__]: at})
             assert payload.decode() == model.model_dump_json()
