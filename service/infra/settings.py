@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     db_tcp_keepalives_interval_seconds: int = Field(default=5, ge=0)  # (and frees its locks) within ~25 s
     db_tcp_keepalives_count: int = Field(default=3, ge=0)
     fan_out_slice: int = Field(default=20_000, ge=1)  # users per statement of a segment fan-out
+    fan_out_pass_seconds: float = Field(default=0.25, ge=0)  # a rollout commits its slices this often (0: each)
     batch_retries_alone: int = Field(default=5, ge=1)  # failed retries (not connection loss), then record by record
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")

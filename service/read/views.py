@@ -7,12 +7,15 @@ from datetime import datetime
 import asyncpg
 
 # Explicit (and materialized rollout) memberships that have not expired, plus the rollouts computed from the
-# bucket for any user id, minus explicit exclusions. Known users' rollout rows are stored, so UNION dedups.
+# bucket for any user id, minus explicit exclusions. Known users' rollout rows are stored, so UNION dedups. A stored
+# rollout row counts inside the segment's line only: a lowered percent shows at once, while its rollout removes
+# the rows above the line pass by pass (service/write/rollouts.py).
 _NOW = """
 WITH stored AS (
     SELECT s.id, s.slug, m.added_at, m.expires_at, m.source, s.salt, s.auto_percent, s.layer, s.bucket_end
     FROM memberships m JOIN segments s ON s.id = m.segment_id
     WHERE m.user_id = $1 AND s.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+      AND (m.source <> 'auto_percent' OR segment_rolls_out(s.salt, s.layer, s.bucket_start, s.auto_percent, $1))
 ), computed AS (
     SELECT s.id, s.slug, s.rollout_at AS added_at, NULL::timestamptz AS expires_at, 'auto_percent' AS source,
            s.salt, s.auto_percent, s.layer, s.bucket_end

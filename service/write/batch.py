@@ -1,8 +1,9 @@
 """A consumed batch applied to PostgreSQL: effects, history, inbox, outbox and consumed offsets commit together.
 
-The batch is cut into parts (`_parts`), each one transaction: every segment command alone, and the user commands
-between them as one run whose locks are all taken up front, in one order (offsets, users, the rollout lock,
-segments). What a part does when it fails is decided in one place: `next_step`.
+The batch is cut into parts (`_parts`), each one transaction: every segment command alone (a rollout: one
+transaction per pass, see rollouts.py), and the user commands between them as one run whose locks are all taken
+up front, in one order (offsets, users, the rollout lock, segments). What a part does when it fails is decided
+in one place: `next_step`.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from schemas.commands import (
 from schemas.results import CommandResult, ErrorCode, ErrorInfo
 from service.domain import CommandRejectedError, NotDueYetError
 from service.infra import db, errors
-from service.write import segment_handlers, segment_members, sql, user_handlers
+from service.write import rollouts, segment_handlers, segment_members, sql, user_handlers
 from service.write.change_set import ChangeSet
 from service.write.decoding import Decoded, InboundRecord, decode, printable
 from service.write.outbox import dead_letter_row, result_payload, result_row, segment_event
@@ -117,10 +118,12 @@ Work = Callable[["_Part", list[Decoded]], Awaitable[None]]
 class BatchProcessor:
     """Applies a batch of records from one topic, part by part (see the module's docstring)."""
 
-    def __init__(self, group: str, clock: Callable[[], datetime] = utcnow, fan_out_slice: int = 20_000):
+    def __init__(self, group: str, clock: Callable[[], datetime] = utcnow, fan_out_slice: int = 20_000,
+                 fan_out_pass_seconds: float = 0.25):
         self.group = group
         self.clock = clock
         self.fan_out_slice = fan_out_slice  # users per statement of a segment fan-out
+        self.fan_out_pass_seconds = fan_out_pass_seconds  # a rollout commits its slices about this often
 
     async def process(self, conn: asyncpg.Connection, records: list[InboundRecord],
                       report: BatchReport | None = None, alone: bool = False) -> BatchReport:
@@ -135,12 +138,18 @@ class BatchProcessor:
 
     async def _part(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport,
                     work: Work | None = None, alone: bool = False) -> None:
-        """Apply `items` in one transaction (with `work`, or the normal way); on failure, take `next_step`."""
+        """Apply `items` in one transaction (with `work`, or the normal way); on failure, take `next_step`. A rollout
+        takes one transaction per pass (service/write/rollouts.py)."""
         try:
-            await self._apply_in_transaction(conn, items, report, work or _Part.apply)
+            while not await self._apply_in_transaction(conn, items, report, work or _Part.apply):
+                pass  # a pass of a rollout committed: the next one goes on from its progress
             return
         except Exception as exc:
             failure = exc
+        if await _rollout_started(conn, items):
+            # Its first pass was applied and published: it is finished, never rejected nor dead-lettered. Retried
+            # with the batch (a lasting failure holds its partition up, loudly: logs, lag, retries metric).
+            raise failure
         step = next_step(failure, items, first_attempt=work is None, alone=alone)
         if step is Step.RETRY_BATCH:
             raise failure
@@ -158,8 +167,9 @@ class BatchProcessor:
             await self._apply_in_transaction(conn, items, report, lambda part, fresh: part.quarantine(fresh[0], reason))
 
     async def _apply_in_transaction(self, conn: asyncpg.Connection, items: list[Decoded], report: BatchReport,
-                                    work: Work) -> None:
-        """Lock the partitions' offsets, skip what they say was applied, `work` the rest, store the new offsets."""
+                                    work: Work) -> bool:
+        """Lock the partitions' offsets, skip what they say was applied, `work` the rest, store the new offsets.
+        False: a rollout's pass committed without its command's result and offset (it is not finished)."""
         topic = items[0].record.topic
         partitions = sorted({d.record.partition for d in items})
         done = BatchReport()
@@ -168,17 +178,22 @@ class BatchProcessor:
             stored = dict(await conn.fetch(sql.LOCK_OFFSETS, self.group, topic, partitions))
             fresh = [d for d in items if d.record.offset >= stored[d.record.partition]]
             done.skipped = len(items) - len(fresh)
+            finished = True
             if fresh:
-                part = _Part(conn, ChangeSet(self.clock()), done, self.fan_out_slice)
+                part = _Part(conn, ChangeSet(self.clock()), done, self.fan_out_slice, self.fan_out_pass_seconds)
                 await part.find_processed(fresh)
                 await work(part, fresh)
                 await part.change_set.flush(conn)
+                finished = not part.unfinished
+            if fresh and finished:
                 last: dict[int, int] = {}
                 for d in fresh:
                     last[d.record.partition] = max(last.get(d.record.partition, -1), d.record.offset + 1)
                 await conn.execute(sql.STORE_OFFSETS, self.group, topic, list(last), list(last.values()))
+            if fresh:
                 await conn.execute(sql.NOTIFY_OUTBOX)
         report.add(done)
+        return finished
 
 
 def _parts(items: list[Decoded]) -> list[list[Decoded]]:
@@ -197,6 +212,12 @@ def _parts(items: list[Decoded]) -> list[list[Decoded]]:
     return [p for p in parts if p]
 
 
+async def _rollout_started(conn: asyncpg.Connection, items: list[Decoded]) -> bool:
+    d = items[0]
+    return (len(items) == 1 and isinstance(d.command, (CreateSegment, UpdateSegment))
+            and await rollouts.started(conn, d.command.command_id))
+
+
 def _label(d: Decoded) -> str:
     """Metric label of a record's type: only the contract's types (a sender must not mint new series)."""
     return d.command.type if d.command is not None else "unknown"
@@ -205,9 +226,11 @@ def _label(d: Decoded) -> str:
 class _Part:
     """The records of one transaction, applied in partition order, their writes collected in a change set."""
 
-    def __init__(self, conn: asyncpg.Connection, change_set: ChangeSet, report: BatchReport, fan_out_slice: int):
+    def __init__(self, conn: asyncpg.Connection, change_set: ChangeSet, report: BatchReport, fan_out_slice: int,
+                 fan_out_pass_seconds: float):
         self.conn, self.change_set, self.report = conn, change_set, report
-        self.fan_out_slice = fan_out_slice
+        self.fan_out_slice, self.fan_out_pass_seconds = fan_out_slice, fan_out_pass_seconds
+        self.unfinished = False  # a rollout's pass: its command is not finished with this transaction
         self.seen: dict[str, tuple[str, str]] = {}  # command id -> (body hash, stored result json)
 
     async def find_processed(self, items: list[Decoded]) -> None:
@@ -244,10 +267,11 @@ class _Part:
             await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, db.ROLLOUT_LOCK)
         slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
         rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new)) if slugs or new else []
+        await rollouts.settle(self.conn, [r["id"] for r in rows])
         await self.change_set.read_users(self.conn)
         segments = {r["slug"]: segment_handlers.segment_of(r) for r in rows}
-        rollouts = [s for s in segments.values() if s.auto_percent > 0]
-        return RunContext(self.change_set, segments, rollouts)
+        rolled_out = [s for s in segments.values() if s.auto_percent > 0]
+        return RunContext(self.change_set, segments, rolled_out)
 
     def apply_user_command(self, d: Decoded, ctx: RunContext) -> None:
         try:
@@ -263,16 +287,33 @@ class _Part:
             self.finish(d, "applied", events)
 
     async def apply_segment_command(self, d: Decoded) -> None:
-        handler = SEGMENT_HANDLERS[type(d.command)]
-        try:
-            async with self.conn.transaction():  # savepoint: a rejected command leaves nothing behind
-                events, event = await handler(self.conn, d.command, self.change_set, self.fan_out_slice)
-        except CommandRejectedError as exc:
-            self.finish(d, "rejected", error=exc.info)
-        else:
+        assert d.command_id is not None and d.body_hash is not None  # a decoded command
+        progress = await rollouts.find(self.conn, d.command_id)
+        if progress is not None and progress.body_hash != d.body_hash:
+            self.seen[d.command_id] = (progress.body_hash, "")  # its id is taken by a rollout in progress
+            self.answer_duplicate(d)
+            return
+        if progress is None:
+            handler = SEGMENT_HANDLERS[type(d.command)]
+            try:
+                async with self.conn.transaction():  # savepoint: a rejected command leaves nothing behind
+                    events, event, rollout = await handler(self.conn, d.command, self.change_set, self.fan_out_slice)
+            except CommandRejectedError as exc:
+                self.finish(d, "rejected", error=exc.info)
+                return
             if event is not None:  # UpdateSegmentMembers changes memberships, not the segment
                 self.change_set.record_outbox(segment_event(event))
-            self.finish(d, "applied", events)
+            if rollout is None:
+                self.finish(d, "applied", events)
+                return
+            progress = rollouts.Progress(d.command_id, d.body_hash, rollout, events=events)
+        total = await rollouts.run(self.conn, progress, self.fan_out_slice, self.fan_out_pass_seconds)
+        if total is None:
+            self.unfinished = True
+            log.info("rollout pass", extra={"position": d.record.position, "command_id": d.command_id,
+                                            "after_user": progress.after, "events": progress.events})
+        else:
+            self.finish(d, "applied", total)
 
     def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,
                store: bool = True) -> None:

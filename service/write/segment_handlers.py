@@ -1,10 +1,9 @@
 """Handlers of segment commands: one row lock, then set-based SQL for every fan-out, a slice of users at a time.
 
-Each returns the number of MembershipChanged events it wrote and its SegmentChanged event.
+Each returns an `Outcome`: the MembershipChanged events it wrote, its SegmentChanged event, the rollout to run.
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
@@ -18,9 +17,14 @@ from schemas.results import ErrorCode
 from service.bucket import segment_salt, threshold
 from service.domain import CommandRejectedError, Segment, layer_placement
 from service.infra import db
-from service.write import sql
+from service.write import rollouts, sql
 from service.write.change_set import ChangeSet
 from service.write.outbox import new_id
+from service.write.rollouts import Rollout
+
+# What a segment handler did: the events it wrote, its SegmentChanged (None: the segment itself did not change) and
+# the rollout it leaves to run (the batch commits it a pass at a time, see service/write/rollouts.py).
+Outcome = tuple[int, SegmentChanged | None, Rollout | None]
 
 
 def segment_of(row: asyncpg.Record) -> Segment:
@@ -55,24 +59,17 @@ async def _locked(conn: asyncpg.Connection, slug: str) -> asyncpg.Record:
     row = await conn.fetchrow(sql.LOCK_SEGMENT_FOR_UPDATE, slug)
     if row is None:
         raise CommandRejectedError(ErrorCode.SEGMENT_NOT_FOUND, f"unknown or deleted segment: {slug}", {"slugs": [slug]})
+    await rollouts.settle(conn, [row["id"]])
     return row
 
 
 async def _starting_a_rollout(conn: asyncpg.Connection, percent) -> None:
     """Before any segment lock: wait for registrations in flight, hold new ones off (see sql.LOCK_ROLLOUT_SHARED).
-    Polled (5 ms doubling up to 200 ms) rather than queued for, and given up as a lock_timeout would be (the
-    command is retried)."""
-    if not percent:
-        return
-    loop = asyncio.get_running_loop()
-    timeout = await conn.fetchval(sql.LOCK_TIMEOUT_SECONDS)
-    deadline = loop.time() + timeout if timeout > 0 else None
-    pause = 0.005
-    while not await conn.fetchval(sql.TRY_LOCK_ROLLOUT_EXCLUSIVE, db.ROLLOUT_LOCK):
-        if deadline is not None and loop.time() >= deadline:
-            raise asyncpg.exceptions.LockNotAvailableError("the rollout lock stayed taken for the whole lock_timeout")
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.2)
+    Polled rather than queued for."""
+    if percent:
+        async def locked() -> bool:
+            return await conn.fetchval(sql.TRY_LOCK_ROLLOUT_EXCLUSIVE, db.ROLLOUT_LOCK)
+        await rollouts.poll(conn, locked, "the rollout lock stayed taken")
 
 
 async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices: AsyncIterator[tuple]) -> int:
@@ -86,24 +83,13 @@ async def fan_out(conn: asyncpg.Connection, statement: str, args: tuple, slices:
     return events
 
 
-FIRST_BOUND = -(2**63)  # below every user id
-
-
-async def walk(conn: asyncpg.Connection, slice_size: int, bound_query: str, *query_args) -> AsyncIterator[tuple]:
-    """Key ranges (after, upto] of at most `slice_size` of the users `bound_query` walks, in id order."""
-    after = FIRST_BOUND
-    while (upto := await conn.fetchval(bound_query, after, slice_size, *query_args)) is not None:
-        yield after, upto
-        after = upto
-
-
 async def in_slices(user_ids: list[int], slice_size: int) -> AsyncIterator[tuple]:
     for i in range(0, len(user_ids), slice_size):
         yield (user_ids[i:i + slice_size],)
 
 
 async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: ChangeSet,
-                         slice_size: int) -> tuple[int, SegmentChanged]:
+                         slice_size: int) -> Outcome:
     await _starting_a_rollout(conn, cmd.auto_percent)
     if await conn.fetchrow(sql.LOCK_SEGMENT_FOR_UPDATE, cmd.slug) is not None:
         raise CommandRejectedError(ErrorCode.SEGMENT_EXISTS, f"segment already exists: {cmd.slug}", {"slugs": [cmd.slug]})
@@ -119,14 +105,12 @@ async def create_segment(conn: asyncpg.Connection, cmd: CreateSegment, changes: 
                                    {"slugs": [cmd.slug]}) from None
     event = _segment_changed("created", seg, cmd.description, now, cmd.command_id)
     if percent == 0:
-        return 0, event
-    args = (segment_id, cmd.slug, now, format_time(now), cmd.command_id, seg.bucket_salt, seg.bucket_start or 0,
-            line(seg))
-    return await fan_out(conn, sql.ROLLOUT_ADD, args, walk(conn, slice_size, sql.FAN_OUT_KNOWN_USERS)), event
+        return 0, event, None
+    return 0, event, Rollout(segment_id, cmd.slug, seg.bucket_salt, True, seg.bucket_start or 0, line(seg), now)
 
 
 async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: ChangeSet,
-                         slice_size: int) -> tuple[int, SegmentChanged]:
+                         slice_size: int) -> Outcome:
     await _starting_a_rollout(conn, cmd.auto_percent)
     row = await _locked(conn, cmd.slug)
     now = changes.now
@@ -136,26 +120,23 @@ async def update_segment(conn: asyncpg.Connection, cmd: UpdateSegment, changes: 
     await conn.execute(sql.UPDATE_SEGMENT, row["id"], description, new.auto_percent, now, new.bucket_start,
                        line(new) if new.bucket_start is not None else None)
     event = _segment_changed("updated", new, description, now, cmd.command_id)
-    args = (row["id"], cmd.slug, now, format_time(now), cmd.command_id, new.bucket_salt)
     # In a layer the start is kept, so both lines lie on one range: only the users between them move.
     if new.auto_percent > old.auto_percent:  # only the users between the old and the new line join
         first = (new.bucket_start or 0) + threshold(old.auto_percent)
-        users = walk(conn, slice_size, sql.FAN_OUT_KNOWN_USERS)
-        return await fan_out(conn, sql.ROLLOUT_ADD, (*args, first, line(new)), users), event
+        return 0, event, Rollout(row["id"], cmd.slug, new.bucket_salt, True, first, line(new), now)
     if new.auto_percent < old.auto_percent:  # only rollout members above the new line leave; explicit members stay
-        members = walk(conn, slice_size, sql.FAN_OUT_SEGMENT_MEMBERS, row["id"])
-        return await fan_out(conn, sql.ROLLOUT_REMOVE, (*args, line(new)), members), event
-    return 0, event
+        return 0, event, Rollout(row["id"], cmd.slug, new.bucket_salt, False, line(new), None, now)
+    return 0, event, None
 
 
 async def delete_segment(conn: asyncpg.Connection, cmd: DeleteSegment, changes: ChangeSet,
-                         slice_size: int) -> tuple[int, SegmentChanged]:
+                         slice_size: int) -> Outcome:
     row = await _locked(conn, cmd.slug)
     now = changes.now
     args = (row["id"], cmd.slug, now, format_time(now), cmd.command_id)
-    members = walk(conn, slice_size, sql.FAN_OUT_SEGMENT_MEMBERS, row["id"])
+    members = rollouts.walk(conn, slice_size, sql.FAN_OUT_SEGMENT_MEMBERS, row["id"])
     removed = await fan_out(conn, sql.SEGMENT_DELETE_MEMBERS, args, members)
     await conn.execute(sql.DELETE_SEGMENT_EXCLUSIONS, row["id"])
     await conn.execute(sql.DELETE_SEGMENT_SCHEDULES, row["id"])  # not members yet: no events
     await conn.execute(sql.MARK_SEGMENT_DELETED, row["id"], now)  # its layer range is free from now on
-    return removed, _segment_changed("deleted", segment_of(row), row["description"], now, cmd.command_id)
+    return removed, _segment_changed("deleted", segment_of(row), row["description"], now, cmd.command_id), None

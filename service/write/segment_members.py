@@ -16,13 +16,13 @@ from schemas.results import ErrorCode
 from service import domain
 from service.domain import CommandRejectedError
 from service.infra import db
-from service.write import sql
+from service.write import rollouts, sql
 from service.write.change_set import ChangeSet
-from service.write.segment_handlers import fan_out, in_slices, line, segment_of
+from service.write.segment_handlers import Outcome, fan_out, in_slices, line, segment_of
 
 
 async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMembers, changes: ChangeSet,
-                                 slice_size: int) -> tuple[int, None]:
+                                 slice_size: int) -> Outcome:
     now = changes.now
     domain.validate_segment_members(cmd, now)
     named = sorted(cmd.add + cmd.remove)
@@ -34,6 +34,7 @@ async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMem
     if seg is None:
         raise CommandRejectedError(ErrorCode.SEGMENT_NOT_FOUND, f"unknown or deleted segment: {cmd.slug}",
                                    {"slugs": [cmd.slug]})
+    await rollouts.settle(conn, [s.id for s in segments])
     # 100 000 rows per statement: sorted and staged in memory instead of temporary files (this transaction only).
     await conn.execute(sql.BULK_WORK_MEM)
     args = (seg.id, seg.slug, now, format_time(now), cmd.command_id)
@@ -60,4 +61,4 @@ async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMem
         joins = (rollout.id, rollout.slug, now, format_time(now), cmd.command_id, rollout.bucket_salt,
                  rollout.bucket_start or 0, line(rollout))
         events += await fan_out(conn, sql.ROLLOUT_ADD_LISTED, joins, in_slices(new, slice_size))
-    return events, None
+    return events, None, None

@@ -283,3 +283,18 @@ ON CONFLICT (user_id, segment_id) DO UPDATE
 SET starts_at = EXCLUDED.starts_at, expires_at = EXCLUDED.expires_at, scheduled_at = EXCLUDED.scheduled_at,
     command_id = EXCLUDED.command_id
 """
+
+# --- rollouts committed a pass at a time (service/write/rollouts.py) ----------------------------------------
+# $1 command id, $2 body hash, $3 segment id, $4 slug, $5 salt, $6 joining, $7 low line, $8 high line,
+# $9 the rollout's time, $10 the last user id done, $11 events so far.
+SAVE_FAN_OUT = """
+INSERT INTO fan_outs (command_id, body_hash, segment_id, slug, salt, joining, low_line, high_line, occurred_at,
+                      after_user, events)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (command_id) DO UPDATE SET after_user = EXCLUDED.after_user, events = EXCLUDED.events, updated_at = now()
+"""
+FIND_FAN_OUT = "SELECT * FROM fan_outs WHERE command_id = $1 FOR UPDATE"
+FAN_OUT_STARTED = "SELECT EXISTS (SELECT 1 FROM fan_outs WHERE command_id = $1)"
+END_FAN_OUT = "DELETE FROM fan_outs WHERE command_id = $1"
+# The last pass of the segments' rollouts in progress; NULL: none.
+FAN_OUTS_RUNNING = "SELECT max(updated_at) FROM fan_outs WHERE segment_id = ANY($1::bigint[])"

@@ -11,11 +11,13 @@ from service.write.decoding import InboundRecord
 class Feeder:
     """Appends records to a partition of a fake topic and applies them in batches, with a settable clock."""
 
-    def __init__(self, conn, now: datetime | None = None, fan_out_slice: int = 20_000):
+    def __init__(self, conn, now: datetime | None = None, fan_out_slice: int = 20_000,
+                 fan_out_pass_seconds: float = 0.25):
         self.conn = conn
         self.now = now or datetime.now(UTC)
         self.offsets: dict[int, int] = {}
-        self.processor = BatchProcessor("test-group", clock=lambda: self.now, fan_out_slice=fan_out_slice)
+        self.processor = BatchProcessor("test-group", clock=lambda: self.now, fan_out_slice=fan_out_slice,
+                                        fan_out_pass_seconds=fan_out_pass_seconds)
 
     def record(self, body, partition: int = 0, key: bytes | None = None) -> InboundRecord:
         offset = self.offsets.get(partition, 0)

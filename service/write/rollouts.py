@@ -1,0 +1,143 @@
+"""A percent rollout's fan-out, committed a pass at a time: the relay publishes its events while it runs.
+
+A rollout moves every known user whose bucket lies between two lines (or every rollout member above the new
+line). The command's first pass changes the segment, publishes its SegmentChanged and runs slices of users for
+about `pass_seconds`; if users are left, it commits them with its progress (a `fan_outs` row: the last user id
+done, the events so far) but without the command's result and consumed offset. The batch then runs the same
+record again: a pass that finds the progress row goes on from there, and the pass that reaches the last user
+writes the result, the inbox row and the offset, and deletes the progress row. A worker that crashes in between
+leaves the offset where it was: the next owner of the partition reads the command again and resumes it.
+
+While a rollout's progress row exists nothing else may change what it decides on (the segment, its members and
+exclusions, the known users): every command that locks the segment waits until the row is gone (`settle`), as it
+waited for the one long transaction before. The passes themselves take no lock those commands hold.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from schemas.common import format_time
+from service.write import sql
+
+log = logging.getLogger("segmentation.worker")
+
+FIRST_BOUND = -(2**63)  # below every user id
+_NOTHING = object()
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The users a percent change moves. `joining`: known users with a bucket in [low, high) join (unless
+    excluded); otherwise the rollout members with a bucket at or above `low` leave. On `salt`'s hash."""
+
+    segment_id: int
+    slug: str
+    salt: str
+    joining: bool
+    low: int
+    high: int | None
+    occurred_at: datetime
+
+    def statement(self, command_id: str) -> tuple[str, tuple, str, tuple]:
+        """The slice statement and its arguments (the slice's bounds follow), the bound query and its own."""
+        args = (self.segment_id, self.slug, self.occurred_at, format_time(self.occurred_at), command_id, self.salt)
+        if self.joining:
+            return sql.ROLLOUT_ADD, (*args, self.low, self.high), sql.FAN_OUT_KNOWN_USERS, ()
+        return sql.ROLLOUT_REMOVE, (*args, self.low), sql.FAN_OUT_SEGMENT_MEMBERS, (self.segment_id,)
+
+
+@dataclass
+class Progress:
+    """How far a command's rollout got: the users up to `after` are done, `events` written so far."""
+
+    command_id: str
+    body_hash: str
+    rollout: Rollout
+    after: int = FIRST_BOUND
+    events: int = 0
+    stored: bool = False  # a fan_outs row holds it (a pass has committed)
+
+
+async def walk(conn: asyncpg.Connection, slice_size: int, bound_query: str, *query_args,
+               after: int = FIRST_BOUND):
+    """Key ranges (after, upto] of at most `slice_size` of the users `bound_query` walks, in id order."""
+    while (upto := await conn.fetchval(bound_query, after, slice_size, *query_args)) is not None:
+        yield after, upto
+        after = upto
+
+
+async def run(conn: asyncpg.Connection, progress: Progress, slice_size: int, pass_seconds: float) -> int | None:
+    """Run slices from where `progress` stands, for about `pass_seconds` (one slice at least). Returns every event
+    of the rollout once the last user is done (its progress row deleted), or None: progress saved, more to do."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + pass_seconds
+    statement, args, bound_query, bound_args = progress.rollout.statement(progress.command_id)
+    await conn.execute(sql.BULK_WORK_MEM)  # a slice's outbox rows are sorted by user in memory
+    async for after, upto in walk(conn, slice_size, bound_query, *bound_args, after=progress.after):
+        progress.events += await conn.fetchval(statement, *args, after, upto)
+        progress.after = upto
+        if loop.time() >= deadline:
+            await _save(conn, progress)
+            return None
+    if progress.stored:
+        await conn.execute(sql.END_FAN_OUT, progress.command_id)
+    return progress.events
+
+
+async def _save(conn: asyncpg.Connection, progress: Progress) -> None:
+    r = progress.rollout
+    await conn.execute(sql.SAVE_FAN_OUT, progress.command_id, progress.body_hash, r.segment_id, r.slug, r.salt,
+                       r.joining, r.low, r.high, r.occurred_at, progress.after, progress.events)
+    progress.stored = True
+
+
+async def find(conn: asyncpg.Connection, command_id: str) -> Progress | None:
+    """The command's rollout in progress (its row locked: two owners of the partition take turns), or None."""
+    row = await conn.fetchrow(sql.FIND_FAN_OUT, command_id)
+    if row is None:
+        return None
+    rollout = Rollout(row["segment_id"], row["slug"], row["salt"], row["joining"], row["low_line"],
+                      row["high_line"], row["occurred_at"])
+    return Progress(command_id, row["body_hash"], rollout, row["after_user"], row["events"], stored=True)
+
+
+async def started(conn: asyncpg.Connection, command_id: str) -> bool:
+    """Whether the command's rollout has committed passes (so it can no longer be rejected, only finished)."""
+    return await conn.fetchval(sql.FAN_OUT_STARTED, command_id)
+
+
+async def poll(conn: asyncpg.Connection, ready: Callable[[], Awaitable[object]], waiting_for: str) -> None:
+    """Until `ready()` is True: polled (5 ms doubling up to 200 ms) and given up as a lock_timeout would be (the
+    command is retried). Any other value `ready()` gives says how far the awaited work got: while it changes, the
+    wait goes on past the lock_timeout."""
+    loop = asyncio.get_running_loop()
+    timeout = None
+    pause = 0.005
+    seen: object = _NOTHING
+    while (state := await ready()) is not True:
+        if timeout is None:
+            timeout = await conn.fetchval(sql.LOCK_TIMEOUT_SECONDS)
+        if state != seen:
+            deadline = loop.time() + timeout if timeout > 0 else float("inf")
+            seen = state
+        if loop.time() >= deadline:
+            raise asyncpg.exceptions.LockNotAvailableError(f"{waiting_for} for the whole lock_timeout")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+async def settle(conn: asyncpg.Connection, segment_ids: list[int]) -> None:
+    """Wait until no rollout of these (locked) segments is in progress: as long as one commits passes, or for the
+    lock_timeout if none does (a worker crashed in it: the partition's next owner resumes it). Called right after
+    the segments' row locks, in a statement of its own: a pass that committed while this waited for them is seen."""
+    if segment_ids:
+        async def none_running() -> object:
+            last_pass = await conn.fetchval(sql.FAN_OUTS_RUNNING, segment_ids)
+            return True if last_pass is None else last_pass
+        await poll(conn, none_running, "a rollout of the segment made no progress")

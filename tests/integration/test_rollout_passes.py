@@ -1,0 +1,160 @@
+"""A rollout is committed a pass at a time (the relay publishes while it runs), resumed after a crash from where it
+stopped, and nothing else changes the segment's users while it is in progress."""
+import asyncio
+import logging
+
+import asyncpg
+import pytest
+
+from service.bucket import bucket, segment_salt
+from service.infra import errors
+from service.read import views
+from tests.support.batch import Feeder, create, update_user
+from tests.support.helpers import wait_until
+
+USERS = 20_000
+
+
+def update(cid: str, percent) -> dict:
+    return {"type": "UpdateSegment", "command_id": cid, "slug": "R", "auto_percent": percent}
+
+
+def between(low: int, high: int) -> set[int]:
+    """The known users a move from `low` to `high` buckets concerns (segment R is the database's first)."""
+    return {u for u in range(1, USERS + 1) if low <= bucket(segment_salt("R", 1), u) < high}
+
+
+async def rollout_of(database_url, percent: int):
+    """Segment R at 0 % over USERS known users; its UpdateSegment to `percent` on a connection of its own, a slice
+    of 200 users per statement and a commit after each."""
+    executor = await asyncpg.connect(database_url)
+    f = Feeder(executor, fan_out_slice=200, fan_out_pass_seconds=0)
+    await f.apply(create("R"))
+    await executor.execute("INSERT INTO users (user_id, registered_at) SELECT g, now() FROM generate_series(1, $1) g",
+                           USERS)
+    return executor, f
+
+
+async def frozen_between_passes(conn) -> asyncpg.Record:
+    """Inside a transaction of `conn`: wait for a rollout's first pass, then hold its progress row so that its next
+    pass waits. Returns the row (how far it got)."""
+    await wait_until(lambda: conn.fetchval("SELECT count(*) FROM fan_outs"), interval=0.001, message="a first pass")
+    row = await conn.fetchrow("SELECT * FROM fan_outs FOR UPDATE")
+    assert row is not None, "the rollout ended before it could be held"
+    return row
+
+
+async def polling(conn, pid: int, task: asyncio.Task) -> bool:
+    """Whether `task` on backend `pid` waits, its locks taken, for a rollout in progress (rollouts.settle polls),
+    or is done."""
+    if task.done():
+        return True
+    await conn.execute("SELECT pg_stat_clear_snapshot()")  # a transaction sees one snapshot of the statistics
+    return await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'idle in transaction' "
+        "AND query LIKE '%FROM fan_outs WHERE segment_id%'", pid)
+
+
+async def test_a_rollout_commits_pass_by_pass_and_its_result_comes_with_the_last(database_url, conn, caplog):
+    executor, f = await rollout_of(database_url, 30)
+    try:
+        with caplog.at_level(logging.INFO, "segmentation.worker"):
+            report = await f.apply(update("to-30", 30))
+    finally:
+        await executor.close()
+    f = Feeder(conn)  # what was written, read on the test's connection
+    passes = [r for r in caplog.records if r.getMessage() == "rollout pass"]
+    assert len(passes) >= 10 and all(r.command_id == "to-30" for r in passes)  # one per slice of 200
+    joined = between(0, 3000)
+    assert report.events == len(joined) and dict(report.outcomes) == {("UpdateSegment", "applied"): 1}
+    results = await f.results()
+    assert [r["events"] for r in results["to-30"]] == [len(joined)]  # one result, with every event
+    events = await f.events()
+    assert sorted(u for _, u, _, _ in events) == sorted(joined)  # one event per user, none twice
+    assert await f.members("R") == joined
+    assert await conn.fetchval("SELECT count(*) FROM membership_history") == len(joined)
+    assert await conn.fetchval("SELECT count(*) FROM fan_outs") == 0
+    assert await conn.fetchval("SELECT next_offset FROM consumer_offsets") == 2
+
+
+async def test_a_rollout_cut_off_between_passes_is_resumed_where_it_stopped(database_url, conn):
+    executor, f = await rollout_of(database_url, 30)
+    record = f.record(update("to-30", 30))
+    running = asyncio.create_task(f.processor.process(executor, [record]))
+    async with conn.transaction():
+        held = await frozen_between_passes(conn)
+        await conn.execute("SELECT pg_terminate_backend($1)", executor.get_server_pid())  # the worker is gone
+        with pytest.raises(errors.DATABASE_FAILURE):  # what the worker retries
+            await running
+    f = Feeder(conn)  # what was written, read on the test's connection
+    done = {e[1] for e in await f.events()}
+    assert 0 < len(done) < len(between(0, 3000)) and max(done) <= held["after_user"]
+    assert "to-30" not in await f.results() and await conn.fetchval("SELECT next_offset FROM consumer_offsets") == 1
+
+    other = Feeder(conn)  # the same id with another body, meanwhile: a conflict, and the rollout stays as it was
+    await other.apply(update("to-30", 50), partition=1)
+    assert (await other.result("to-30"))["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+
+    again = Feeder(conn)  # the partition's next owner reads the command again
+    report = await again.processor.process(conn, [record])
+    joined = between(0, 3000)
+    assert report.events == len(joined)
+    assert [r["events"] for r in (await f.results())["to-30"] if r["status"] == "applied"] == [len(joined)]
+    users = [e[1] for e in await f.events()]
+    assert sorted(users) == sorted(joined)  # the slices before the cut are not done twice, none is left out
+    assert await f.members("R") == joined
+    assert await conn.fetchval("SELECT count(*) FROM membership_history") == len(joined)
+    assert await conn.fetchval("SELECT count(*) FROM fan_outs") == 0
+    assert await conn.fetchval("SELECT next_offset FROM consumer_offsets WHERE partition = 0") == 2
+
+
+async def test_a_command_on_the_segment_waits_for_the_rollout_in_progress(database_url, conn):
+    """Lowering the percent: a user above the new line whose rollout membership the fan-out has not reached yet is
+    added explicitly meanwhile. The add waits for the rollout, as it waited for its one transaction before: the
+    user's events are those of the order the commands were applied in (applied between two passes, the add would
+    take over the rollout membership the rollout was about to remove, without an event)."""
+    executor, f = await rollout_of(database_url, 30)
+    await f.apply(update("to-30", 30))
+    user_conn = await asyncpg.connect(database_url)
+    try:
+        lowering = asyncio.create_task(f.apply(update("to-10", 10)))
+        async with conn.transaction():
+            held = await frozen_between_passes(conn)
+            user = min(u for u in between(1000, 3000) if u > held["after_user"])  # still a rollout member
+            # The read side answers the new percent already: a rollout membership counts inside the line only.
+            assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = $1", user) == "auto_percent"
+            assert [r["slug"] for r in await conn.fetch(views.USER_SEGMENTS, user)] == []
+            adding = asyncio.create_task(Feeder(user_conn).apply(update_user("add", user, add=["R"]), partition=1))
+            await wait_until(lambda: polling(conn, user_conn.get_server_pid(), adding),
+                             message="the user command waiting for the rollout (or done)")
+        await asyncio.wait_for(asyncio.gather(lowering, adding), 60)
+    finally:
+        await executor.close()
+        await user_conn.close()
+    f = Feeder(conn)  # what was written, read on the test's connection
+    assert user in await f.members("R")
+    assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = $1", user) == "manual"
+    assert [e[0] for e in await f.events(user)] == ["added", "removed", "added"]  # joined, left at 10 %, added
+    left = between(1000, 3000) - {user}
+    assert await f.members("R") == between(0, 1000) | {user} and not left & await f.members("R")
+
+
+async def test_a_wait_for_a_rollout_lasts_while_it_progresses_and_gives_up_when_it_stalls(conn):
+    from service.write.rollouts import poll
+
+    await conn.execute("SET lock_timeout = '300ms'")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def progressing() -> object:  # a pass every 0.1 s, done after 1 s: three times the lock_timeout
+        elapsed = loop.time() - started
+        return True if elapsed > 1.0 else int(elapsed * 10)
+    await poll(conn, progressing, "the rollout made no progress")
+    assert loop.time() - started > 1.0
+
+    async def stalled() -> object:
+        return "the same pass"
+    started = loop.time()
+    with pytest.raises(asyncpg.exceptions.LockNotAvailableError, match="the rollout made no progress"):
+        await poll(conn, stalled, "the rollout made no progress")
+    assert 0.3 <= loop.time() - started < 1.0
