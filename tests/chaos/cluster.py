@@ -55,9 +55,10 @@ class Cluster:
             host, port = direct.split(":")
             self.kafka = await FaultProxy((host, int(port)), ("127.0.0.1", proxy_port)).start()
             self.pg = await FaultProxy.for_postgres(self.pg_url, self.folder / "pgsock").start()
+            # A rollout of the load's 300 users in ~15 passes, so that faults land between them (resumed rollouts).
             self.settings: Settings = fast_settings(
                 self.pg.url, self.kafka.address, http_port=embedded.free_port(), commands_partitions=6,
-                events_partitions=6, **self.overrides)
+                events_partitions=6, **({"fan_out_slice": 20, "fan_out_pass_seconds": 0} | self.overrides))
             await db.ensure_database(self.settings.database_url)
             await db.migrate(self.settings.database_url)
             for k, v in DATABASE_TIMEOUTS.items():

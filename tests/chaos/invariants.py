@@ -158,6 +158,9 @@ async def check(cluster: Cluster, load: Load) -> Report:
     v["orphan"] += [("membership of a missing or deleted segment", r["user_id"], r["segment_id"]) for r in await cluster.sql(
         "SELECT m.user_id, m.segment_id FROM memberships m LEFT JOIN segments s ON s.id = m.segment_id "
         "WHERE s.id IS NULL OR s.deleted_at IS NOT NULL")]
+    # Every rollout reached its last user: none left in progress once the commands are all applied.
+    v["orphan"] += [("a rollout left in progress", r["command_id"], r["after_user"]) for r in await cluster.sql(
+        "SELECT command_id, after_user FROM fan_outs")]
 
     dead = {msg.value for msg, _ in load.collector.messages[s.dlq_topic]}
     v["dlq"] += [("not in the DLQ", value) for value in load.malformed if value not in dead]
