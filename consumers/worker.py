@@ -163,7 +163,7 @@ class CommandWorker:
                 async with self.pool.acquire() as conn:
                     await self.processor.process(conn, records, report, alone=stuck >= self.retries_alone)
                     return True
-            except errors.DATABASE_FAILURE as exc:
+            except errors.RETRIED as exc:
                 if not errors.is_connection_loss(exc):
                     stuck += 1
                 metrics.BATCH_RETRIES.inc()

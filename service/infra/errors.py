@@ -47,6 +47,14 @@ DATABASE_FAILURE: tuple[type[BaseException], ...] = (
 )
 
 
+class UnfinishedWorkError(Exception):
+    """Work that was started and committed in part, and must be finished, failed (a rollout's later pass): never a
+    rejection nor a dead letter, the worker retries the batch whatever the cause (`__cause__`)."""
+
+
+RETRIED: tuple[type[BaseException], ...] = (*DATABASE_FAILURE, UnfinishedWorkError)  # what the worker's loop retries
+
+
 def is_stored_meanwhile(exc: BaseException) -> bool:
     return isinstance(exc, pg.UniqueViolationError) and exc.constraint_name == INBOX_KEY
 

@@ -146,10 +146,12 @@ class BatchProcessor:
             return
         except Exception as exc:
             failure = exc
-        if await _rollout_started(conn, items):
+        if not errors.is_stored_meanwhile(failure) and await _rollout_started(conn, items):
             # Its first pass was applied and published: it is finished, never rejected nor dead-lettered. Retried
             # with the batch (a lasting failure holds its partition up, loudly: logs, lag, retries metric).
-            raise failure
+            if isinstance(failure, errors.DATABASE_FAILURE):
+                raise failure
+            raise errors.UnfinishedWorkError(f"a pass of the rollout {items[0].command_id} failed") from failure
         step = next_step(failure, items, first_attempt=work is None, alone=alone)
         if step is Step.RETRY_BATCH:
             raise failure
@@ -232,16 +234,22 @@ class _Part:
         self.fan_out_slice, self.fan_out_pass_seconds = fan_out_slice, fan_out_pass_seconds
         self.unfinished = False  # a rollout's pass: its command is not finished with this transaction
         self.seen: dict[str, tuple[str, str]] = {}  # command id -> (body hash, stored result json)
+        self.rolling: dict[str, str] = {}  # command id of a rollout in progress -> its body hash
 
     async def find_processed(self, items: list[Decoded]) -> None:
         ids = [d.command_id for d in items if d.command_id]
         for row in await self.conn.fetch(sql.FIND_PROCESSED, ids):
-            self.seen[row["command_id"]] = (row["body_hash"], row["result"])
+            if row["rolling"]:
+                self.rolling[row["command_id"]] = row["body_hash"]
+            else:
+                self.seen[row["command_id"]] = (row["body_hash"], row["result"])
 
     async def apply(self, items: list[Decoded]) -> None:
         first = items[0]
-        if isinstance(first.command, SEGMENT_COMMANDS) and first.command_id not in self.seen:
-            # Relies on _parts(): a segment command is alone in its part.
+        if isinstance(first.command, SEGMENT_COMMANDS) and (first.command_id not in self.seen
+                                                            or first.command_id in self.rolling):
+            # Relies on _parts(): a segment command is alone in its part. A rollout in progress goes on even if
+            # another command stored its id before the first pass committed (its result is then not stored).
             await self.apply_segment_command(first)
         else:
             await self.apply_run(items)
@@ -253,7 +261,7 @@ class _Part:
             if d.command is None:
                 assert d.error_code is not None and d.error_message is not None  # what makes it a dead letter
                 self.dead_letter(d, d.error_code, d.error_message)
-            elif d.command_id in self.seen:
+            elif d.command_id in self.seen or d.command_id in self.rolling:
                 self.answer_duplicate(d)
             else:
                 self.apply_user_command(d, ctx)
@@ -290,7 +298,7 @@ class _Part:
         assert d.command_id is not None and d.body_hash is not None  # a decoded command
         progress = await rollouts.find(self.conn, d.command_id)
         if progress is not None and progress.body_hash != d.body_hash:
-            self.seen[d.command_id] = (progress.body_hash, "")  # its id is taken by a rollout in progress
+            self.rolling[d.command_id] = progress.body_hash
             self.answer_duplicate(d)
             return
         if progress is None:
@@ -312,8 +320,8 @@ class _Part:
             self.unfinished = True
             log.info("rollout pass", extra={"position": d.record.position, "command_id": d.command_id,
                                             "after_user": progress.after, "events": progress.events})
-        else:
-            self.finish(d, "applied", total)
+        else:  # not stored if another command took the id before the first pass committed
+            self.finish(d, "applied", total, store=d.command_id not in self.seen)
 
     def finish(self, d: Decoded, status: str, events: int = 0, error: ErrorInfo | None = None,
                store: bool = True) -> None:
@@ -345,9 +353,10 @@ class _Part:
         self.dead_letter(d, "UNPROCESSABLE", reason)
 
     def answer_duplicate(self, d: Decoded) -> None:
-        """A seen command id: the stored result again, or a conflict if the body differs."""
+        """A seen command id: the stored result again, or a conflict if the body differs. The id of a rollout in
+        progress (no result yet) is a conflict: a command with its body is that rollout, it joins it instead."""
         assert d.command_id is not None  # only decoded commands are looked up in `seen`
-        stored_hash, stored_result = self.seen[d.command_id]
+        stored_hash, stored_result = self.seen.get(d.command_id) or (None, "")
         if stored_hash == d.body_hash:
             payload = stored_result
             status = "duplicate"
@@ -371,7 +380,7 @@ class _Part:
         self.report.dead_letters += 1
         log.warning("dead letter", extra={"position": d.record.position, "command_id": d.command_id,
                                           "error_code": code, "error": message})
-        if d.command_id in self.seen:
+        if d.command_id in self.seen or d.command_id in self.rolling:
             self.answer_duplicate(d)  # an id already applied: its stored result, or a conflict
         elif d.command_id is not None:
             self.finish(d, "rejected", error=ErrorInfo(code=ErrorCode.INVALID_COMMAND, message=message,

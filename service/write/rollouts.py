@@ -137,7 +137,18 @@ async def settle(conn: asyncpg.Connection, segment_ids: list[int]) -> None:
     lock_timeout if none does (a worker crashed in it: the partition's next owner resumes it). Called right after
     the segments' row locks, in a statement of its own: a pass that committed while this waited for them is seen."""
     if segment_ids:
-        async def none_running() -> object:
-            last_pass = await conn.fetchval(sql.FAN_OUTS_RUNNING, segment_ids)
-            return True if last_pass is None else last_pass
-        await poll(conn, none_running, "a rollout of the segment made no progress")
+        await _settle(conn, sql.FAN_OUTS_RUNNING, segment_ids)
+
+
+async def settle_layer(conn: asyncpg.Connection, layer: str) -> None:
+    """Wait until no rollout of a segment of `layer` is in progress (under the exclusive rollout lock, before its
+    ranges are read): a lowered segment's rollout members above its new line are still members until the end,
+    so the range it frees is free only then."""
+    await _settle(conn, sql.LAYER_FAN_OUTS_RUNNING, layer)
+
+
+async def _settle(conn: asyncpg.Connection, query: str, *args) -> None:
+    async def none_running() -> object:
+        last_pass = await conn.fetchval(query, *args)
+        return True if last_pass is None else last_pass
+    await poll(conn, none_running, "a rollout of the segment made no progress")

@@ -45,6 +45,8 @@ def _segment_changed(change: str, seg: Segment, description, now: datetime, comm
 
 async def _placed(conn: asyncpg.Connection, seg: Segment, percent: Decimal) -> Segment:
     """`seg` at `percent`, with its layer range (kept start, or first-fit); LAYER_FULL if there is no room."""
+    if seg.layer is not None and percent:
+        await rollouts.settle_layer(conn, seg.layer)
     taken = [] if seg.layer is None else [tuple(r) for r in await conn.fetch(sql.LAYER_RANGES, seg.layer, seg.id)]
     start, _end = layer_placement(seg.layer, taken, seg.bucket_start, percent)
     return Segment(seg.id, seg.slug, seg.salt, percent, seg.layer, start)

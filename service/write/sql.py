@@ -28,8 +28,11 @@ WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = n.partition
 """
 
 # --- inbox --------------------------------------------------------------------------------------------
+# The ids stored, and those a rollout in progress holds (rolling: no result yet).
 FIND_PROCESSED = """
-SELECT command_id, body_hash, result FROM processed_commands WHERE command_id = ANY($1::text[])
+SELECT command_id, body_hash, result, false AS rolling FROM processed_commands WHERE command_id = ANY($1::text[])
+UNION ALL
+SELECT command_id, body_hash, NULL, true FROM fan_outs WHERE command_id = ANY($1::text[])
 """
 # Stored with COPY (a plain insert: an id stored meanwhile by another partition fails on the key, see next_step).
 PROCESSED_COLUMNS = ("command_id", "type", "body_hash", "result", "processed_at")
@@ -130,9 +133,10 @@ NOTIFY_OUTBOX = "SELECT pg_notify('segmentation_outbox', '')"
 NOTIFY_TTL = "SELECT pg_notify('segmentation_ttl', $1)"
 
 # --- set-based fan-outs -------------------------------------------------------------------------------
-# A fan-out walks its users in id order, a key range at a time, and changes each slice, all in one
-# transaction: each statement handles at most one slice (FAN_OUT_SLICE users), short enough for a managed
-# database's statement_timeout, and no plan can make a slice cost the whole segment.
+# A fan-out walks its users in id order, a key range at a time, and changes each slice (in the command's one
+# transaction, or a rollout's passes: service/write/rollouts.py): each statement handles at most one slice
+# (FAN_OUT_SLICE users), short enough for a managed database's statement_timeout, and no plan can make a slice
+# cost the whole segment.
 # The slices are key ranges (after, upto] of user ids, each bound found by an index-only walk of at most a slice:
 # no user id travels to the worker and back. $1 the last bound (exclusive), $2 the slice size; NULL: no more.
 FAN_OUT_KNOWN_USERS = "SELECT max(user_id) FROM (SELECT user_id FROM users WHERE user_id > $1 ORDER BY user_id LIMIT $2) s"
@@ -298,3 +302,5 @@ FAN_OUT_STARTED = "SELECT EXISTS (SELECT 1 FROM fan_outs WHERE command_id = $1)"
 END_FAN_OUT = "DELETE FROM fan_outs WHERE command_id = $1"
 # The last pass of the segments' rollouts in progress; NULL: none.
 FAN_OUTS_RUNNING = "SELECT max(updated_at) FROM fan_outs WHERE segment_id = ANY($1::bigint[])"
+LAYER_FAN_OUTS_RUNNING = """
+SELECT max(f.updated_at) FROM fan_outs f JOIN segments s ON s.id = f.segment_id WHERE s.layer = $1"""

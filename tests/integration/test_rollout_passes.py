@@ -158,3 +158,120 @@ async def test_a_wait_for_a_rollout_lasts_while_it_progresses_and_gives_up_when_
     with pytest.raises(asyncpg.exceptions.LockNotAvailableError, match="the rollout made no progress"):
         await poll(conn, stalled, "the rollout made no progress")
     assert 0.3 <= loop.time() - started < 1.0
+
+
+async def test_a_command_reusing_the_id_of_a_rollout_in_progress_is_a_conflict(database_url, conn):
+    executor, f = await rollout_of(database_url, 30)
+    await f.apply(create("X"))
+    running = asyncio.create_task(f.apply(update("to-30", 30)))
+    other = Feeder(await asyncpg.connect(database_url))
+    try:
+        async with conn.transaction():
+            await frozen_between_passes(conn)
+            await other.apply(update_user("to-30", 5, add=["X"]), partition=1)  # a publisher's bug
+        await asyncio.wait_for(running, 60)
+    finally:
+        await executor.close()
+        await other.conn.close()
+    f = Feeder(conn)
+    results = (await f.results())["to-30"]
+    assert [(r["type"], r["status"], r["error"] and r["error"]["code"]) for r in results] == [
+        ("UpdateUserSegments", "rejected", "IDEMPOTENCY_CONFLICT"), ("UpdateSegment", "applied", None)]
+    assert results[1]["events"] == len(between(0, 3000)) and await f.members("R") == between(0, 3000)
+    assert await f.members("X") == set() and await conn.fetchval("SELECT count(*) FROM fan_outs") == 0
+    assert await conn.fetchval("SELECT type FROM processed_commands WHERE command_id = 'to-30'") == "UpdateSegment"
+
+
+async def test_a_duplicate_of_a_rollout_read_during_its_first_pass_joins_it(database_url, conn):
+    """The same CreateSegment on another partition, decided while the first pass had not committed: it waits for
+    the rollout lock, then finds the segment. Stored as SEGMENT_EXISTS it would have left the rollout half done."""
+    await conn.execute("INSERT INTO users (user_id, registered_at) SELECT g, now() FROM generate_series(1, $1) g",
+                       USERS)
+    first, second, blocker = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        a = Feeder(first, fan_out_slice=200, fan_out_pass_seconds=0)
+        b = Feeder(second, fan_out_slice=200, fan_out_pass_seconds=0)
+        body = create("S", "c-S", 30)
+        held = blocker.transaction()  # the first pass waits at its progress row, uncommitted
+        await held.start()
+        try:
+            await blocker.execute(
+                "INSERT INTO fan_outs (command_id, body_hash, segment_id, slug, salt, joining, low_line, occurred_at, "
+                "after_user, events) VALUES ('c-S', '', 0, '', '', true, 0, now(), 0, 0)")
+            applying = asyncio.create_task(a.apply(body))
+            await wait_until(lambda: conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND "
+                                                   "wait_event_type = 'Lock'", first.get_server_pid()),
+                             message="the first pass at its progress row")
+            duplicate = asyncio.create_task(b.apply(body, partition=1))
+            await wait_until(lambda: conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND "
+                                                   "query LIKE '%pg_try_advisory_xact_lock%'", second.get_server_pid()),
+                             interval=0.001, message="the duplicate waiting for the rollout lock")
+        finally:
+            await held.rollback()
+        await asyncio.wait_for(asyncio.gather(applying, duplicate), 60)
+    finally:
+        for c in (first, second, blocker):
+            await c.close()
+    f = Feeder(conn)
+    joined = {u for u in range(1, USERS + 1) if bucket(segment_salt("S", 1), u) < 3000}
+    results = (await f.results())["c-S"]
+    assert [(r["status"], r["events"]) for r in results] == [("applied", len(joined))] * 2  # the result, and again
+    assert await f.members("S") == joined and sorted(e[1] for e in await f.events()) == sorted(joined)
+    assert await conn.fetchval("SELECT count(*) FROM fan_outs") == 0
+
+
+async def test_a_range_a_lowered_segment_frees_in_its_layer_is_free_once_its_rollout_is_done(database_url, conn):
+    executor = await asyncpg.connect(database_url)
+    other = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO users (user_id, registered_at) SELECT g, now() FROM generate_series(1, $1) g",
+                           USERS)
+        f = Feeder(executor, fan_out_slice=200, fan_out_pass_seconds=0)
+        await f.apply({"type": "CreateSegment", "command_id": "cA", "slug": "A", "layer": "L", "auto_percent": 30})
+        lowering = asyncio.create_task(f.apply({"type": "UpdateSegment", "command_id": "lowA", "slug": "A",
+                                                "auto_percent": 10}))
+        async with conn.transaction():
+            await frozen_between_passes(conn)
+            creating = asyncio.create_task(Feeder(other).apply(
+                {"type": "CreateSegment", "command_id": "cB", "slug": "B", "layer": "L", "auto_percent": 20},
+                partition=1))
+
+            async def waiting() -> bool:
+                if creating.done():
+                    return True
+                await conn.execute("SELECT pg_stat_clear_snapshot()")
+                return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND "
+                                           "query LIKE '%fan_outs f JOIN segments%'", other.get_server_pid())
+            await wait_until(waiting, message="B waiting for A's rollout (or done)")
+        await asyncio.wait_for(asyncio.gather(lowering, creating), 60)
+    finally:
+        await executor.close()
+        await other.close()
+    changes: dict[int, list[tuple]] = {}
+    for change, user, slug, _ in await Feeder(conn).events():
+        changes.setdefault(user, []).append((change, slug))
+    moved = [u for u, c in changes.items() if ("added", "B") in c]
+    assert moved and all(changes[u].index(("removed", "A")) < changes[u].index(("added", "B")) for u in moved)
+
+
+async def test_a_failure_of_a_later_pass_is_retried_never_rejected(database_url, conn, monkeypatch):
+    from service.write import rollouts
+
+    executor, f = await rollout_of(database_url, 30)
+    real, calls = rollouts.run, []
+
+    async def failing_third_pass(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("a bug met in a later pass")
+        return await real(*args)
+    monkeypatch.setattr(rollouts, "run", failing_third_pass)
+    record = f.record(update("to-30", 30))
+    try:
+        with pytest.raises(errors.UnfinishedWorkError):  # what the worker retries (errors.RETRIED), whatever it was
+            await f.processor.process(executor, [record])
+        assert "to-30" not in await f.results() and await f.outbox("dlq") == []
+        report = await f.processor.process(executor, [record])  # the worker's retry
+    finally:
+        await executor.close()
+    assert report.events == len(between(0, 3000)) and await Feeder(conn).members("R") == between(0, 3000)

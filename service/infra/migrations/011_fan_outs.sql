@@ -18,3 +18,20 @@ CREATE TABLE fan_outs (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX fan_outs_segment ON fan_outs (segment_id);
+
+-- A rollout in progress holds its command id: no other command stores it meanwhile (a publisher's duplicate or a
+-- reused id on another partition, decided before the rollout's first pass committed). Refused like the inbox's own
+-- key, so the worker redoes that command and finds the id taken (service/infra/errors.is_stored_meanwhile).
+CREATE FUNCTION refuse_ids_of_rollouts() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    taken text;
+BEGIN
+    SELECT f.command_id INTO taken FROM stored JOIN fan_outs f USING (command_id) LIMIT 1;
+    IF taken IS NOT NULL THEN
+        RAISE unique_violation USING MESSAGE = format('command id %s is taken by a rollout in progress', taken),
+            CONSTRAINT = 'processed_commands_pkey', TABLE = 'processed_commands';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER processed_commands_not_rolling_out AFTER INSERT ON processed_commands
+    REFERENCING NEW TABLE AS stored FOR EACH STATEMENT EXECUTE FUNCTION refuse_ids_of_rollouts();
