@@ -71,7 +71,8 @@ class CommandWorker:
         self.pool = pool
         self.consumer = consumer or kafka.consumer(settings, group=settings.consumer_group)
         self.processor = BatchProcessor(settings.consumer_group, fan_out_slice=settings.fan_out_slice,
-                                        fan_out_pass_seconds=settings.fan_out_pass_seconds)
+                                        fan_out_pass_seconds=settings.fan_out_pass_seconds,
+                                        should_stop=lambda: self.revoking or self.stopping.is_set())
         self.retries_alone = settings.batch_retries_alone
         self.batch_lock = asyncio.Lock()
         self.revoking = False

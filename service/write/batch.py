@@ -119,9 +119,10 @@ class BatchProcessor:
     """Applies a batch of records from one topic, part by part (see the module's docstring)."""
 
     def __init__(self, group: str, clock: Callable[[], datetime] = utcnow, fan_out_slice: int = 20_000,
-                 fan_out_pass_seconds: float = 0.25):
+                 fan_out_pass_seconds: float = 0.25, should_stop: Callable[[], bool] = lambda: False):
         self.group = group
         self.clock = clock
+        self.should_stop = should_stop  # the worker lets its partitions go: a rollout stops between two passes
         self.fan_out_slice = fan_out_slice  # users per statement of a segment fan-out
         self.fan_out_pass_seconds = fan_out_pass_seconds  # a rollout commits its slices about this often
 
@@ -141,11 +142,15 @@ class BatchProcessor:
         """Apply `items` in one transaction (with `work`, or the normal way); on failure, take `next_step`. A rollout
         takes one transaction per pass (service/write/rollouts.py)."""
         try:
-            while not await self._apply_in_transaction(conn, items, report, work or _Part.apply):
-                pass  # a pass of a rollout committed: the next one goes on from its progress
-            return
+            finished = await self._apply_in_transaction(conn, items, report, work or _Part.apply)
+            while not finished and not self.should_stop():  # a rollout's pass committed: the next goes on from it
+                finished = await self._apply_in_transaction(conn, items, report, work or _Part.apply)
         except Exception as exc:
             failure = exc
+        else:
+            if finished:
+                return
+            raise errors.UnfinishedWorkError("stopped between two passes of a rollout (resumed from its progress)")
         if not errors.is_stored_meanwhile(failure) and await _rollout_started(conn, items):
             # Its first pass was applied and published: it is finished, never rejected nor dead-lettered. Retried
             # with the batch (a lasting failure holds its partition up, loudly: logs, lag, retries metric).

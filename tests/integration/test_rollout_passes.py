@@ -275,3 +275,26 @@ async def test_a_failure_of_a_later_pass_is_retried_never_rejected(database_url,
     finally:
         await executor.close()
     assert report.events == len(between(0, 3000)) and await Feeder(conn).members("R") == between(0, 3000)
+
+
+async def test_a_worker_letting_its_partitions_go_stops_a_rollout_between_two_passes(database_url, conn):
+    """A rebalance or a shutdown does not wait for a long rollout: the partition's next owner resumes it."""
+    executor, f = await rollout_of(database_url, 30)
+    passes = []
+    f.processor.should_stop = lambda: len(passes) >= 3
+    record = f.record(update("to-30", 30))
+    real_run = f.processor._apply_in_transaction
+
+    async def counted(*args):
+        passes.append(1)
+        return await real_run(*args)
+    f.processor._apply_in_transaction = counted
+    try:
+        with pytest.raises(errors.UnfinishedWorkError):  # the worker gives the batch up (it is revoking)
+            await f.processor.process(executor, [record])
+        assert len(passes) == 3 and await conn.fetchval("SELECT events FROM fan_outs") > 0
+        again = Feeder(conn)
+        report = await again.processor.process(conn, [record])
+    finally:
+        await executor.close()
+    assert report.events == len(between(0, 3000)) and await again.members("R") == between(0, 3000)
