@@ -2,7 +2,7 @@
 
 bucket(salt, user_id) = int(sha256(f"{salt}:{user_id}").hexdigest()[:8], 16) % 10000
 
-The same formula is the SQL function `segment_bucket` (migrations/001_init.sql), used by set-based
+The same formula is the SQL function `segment_bucket` (migrations/010_fan_out_per_row.sql), used by set-based
 fan-outs; a test checks that both agree.
 
 Layers: the segments of a layer share the salt `layer:<name>`; each owns a contiguous range of that hash's

@@ -3,7 +3,12 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from schemas.common import MAX_USER_ID, SLUG_PATTERN
+from service.bucket import bucket, layer_salt, segment_salt
 from service.write.decoding import InboundRecord
 from tests.support.batch import Feeder, create, update_user
 
@@ -118,8 +123,6 @@ async def test_ttl_expiry_is_applied_only_when_still_due(conn):
 
 
 async def test_rollout_deltas_are_exact(conn):
-    from service.bucket import bucket
-
     f = Feeder(conn)
     users = list(range(1, 2001))
     await f.apply({"type": "RegisterUsers", "command_id": "reg", "user_ids": users})
@@ -145,8 +148,6 @@ async def test_rollout_deltas_are_exact(conn):
 
 
 async def test_sql_bucket_matches_the_documented_formula(conn):
-    from service.bucket import bucket
-
     for salt, user in [("A:1", 1), ("AVITO_DISCOUNT_30:17", 1000), ("x", 2**63 - 1)]:
         assert await conn.fetchval("SELECT segment_bucket($1, $2)", salt, user) == bucket(salt, user)
     for salt in ("a.b-c_D9:12", "Z:1"):  # every slug character
@@ -156,6 +157,19 @@ async def test_sql_bucket_matches_the_documented_formula(conn):
     plan = "\n".join(r[0] for r in await conn.fetch(
         "EXPLAIN (VERBOSE) SELECT segment_bucket('A:1', g) FROM generate_series(1, 3) g"))
     assert "sha256" in plan and "segment_bucket" not in plan
+
+
+slugs = st.from_regex(SLUG_PATTERN, fullmatch=True)
+service_salts = st.one_of(st.builds(segment_salt, slugs, st.integers(1, 2**63 - 1)), st.builds(layer_salt, slugs))
+
+
+@hypothesis_settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(service_salts, st.integers(1, MAX_USER_ID)), min_size=1, max_size=100))
+async def test_sql_bucket_equals_the_python_one_for_every_salt_the_service_makes(conn, pairs):
+    salts, users = zip(*pairs, strict=True)
+    rows = await conn.fetch("SELECT segment_bucket(s, u) FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY "
+                            "AS t(s, u, n) ORDER BY n", salts, users)
+    assert [r[0] for r in rows] == [bucket(s, u) for s, u in pairs]
 
 
 @pytest.mark.parametrize("raw, code", [
@@ -429,3 +443,4 @@ async def test_each_history_row_of_an_add_keeps_the_expiry_that_add_gave(conn):
         ("start", 2, "B", "added", "scheduled", ends),
     ]
     assert {r["expires_at"] for r in rows if r["slug"] == "R"} == {None}  # rollout joins
+
