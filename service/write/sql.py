@@ -150,6 +150,21 @@ SELECT max(user_id) FROM (
 _RFC3339 = ("(to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') "
             "|| CASE WHEN date_trunc('second', {0}) = {0} THEN '' ELSE to_char({0}, '.US') END || 'Z')")
 _EXPIRED = "(expires_at IS NOT NULL AND expires_at <= $3)"
+# A fan-out event's id is name-based: uuid3(FAN_OUT_EVENT_NAMESPACE, "<segment id>:<user id>:<change>:<reason>:
+# <command id>") (RFC 9562 version 3), the same each time the statement runs. A command changes a user's membership
+# of a segment at most once per change and reason (UpdateSegmentMembers: an expired one dropped, then added again;
+# a fan-out: one change per user), and command ids are never reused, so no two events share a name; the command id
+# comes last, after four fields without ':', so no two names read alike. The worker's own ids (outbox.new_id) are
+# version 4, never equal to one of these. gen_random_uuid() cost 4 µs a row (PostgreSQL built without OpenSSL opens
+# and reads /dev/urandom each call), the md5 and its text under 1.
+FAN_OUT_EVENT_NAMESPACE = "c9b4e968-151a-4e44-8a7a-129bdd42aebd"
+_NAME_MD5 = ("md5('\\x{ns}'::bytea || convert_to($1::bigint::text || ':' || user_id::text || ':{change}:' || {reason} "
+             "|| ':' || $5::text, 'UTF8'))")
+# The md5 as a UUID: version 3 in the 13th hex digit, the variant (10xx) in the 17th.
+_MD5_UUID = ("substr(md5, 1, 8) || '-' || substr(md5, 9, 4) || '-3' || substr(md5, 14, 3) || '-' "
+             "|| translate(substr(md5, 17, 1), '0123456789abcdef', '89ab89ab89ab89ab') || substr(md5, 18, 3) || '-' "
+             "|| substr(md5, 21)")
+
 
 
 def _fan_out(changed_cte: str, change: str, reason: str, occurred: str = "$3::timestamptz",
@@ -157,13 +172,17 @@ def _fan_out(changed_cte: str, change: str, reason: str, occurred: str = "$3::ti
     """`changed_cte` returns (user_id, expires_at); `reason` and `occurred` are SQL over those columns. `before`:
     CTEs ahead of it (a data-modifying CTE must sit at the top level, not inside `changed`)."""
     history_expiry = "expires_at" if change == "added" else "NULL"  # a history row: an add's expiry
+    name_md5 = _NAME_MD5.format(ns=FAN_OUT_EVENT_NAMESPACE.replace("-", ""), change=change, reason=reason)
     return f"""
 WITH {before}changed AS ({changed_cte}),
+named AS (  -- OFFSET 0: one md5 a row, not one for each use of it
+    SELECT user_id, expires_at, {name_md5} AS md5 FROM changed OFFSET 0
+),
 rows AS (
     SELECT user_id, expires_at, {reason} AS reason, {occurred} AS occurred_at, {occurred_text} AS occurred_text,
-           {expires_text} AS expires_text, gen_random_uuid()::text AS event_id,
+           {expires_text} AS expires_text, {_MD5_UUID} AS event_id,
            $4::text AS now_text  -- types $4 for statements whose rows are all dated otherwise
-    FROM changed
+    FROM named
 ),
 history AS (
     INSERT INTO membership_history (user_id, slug, segment_id, operation, occurred_at, reason, command_id, expires_at)

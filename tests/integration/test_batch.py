@@ -1,5 +1,7 @@
 """The write path against a real PostgreSQL: rules, idempotency, dead letters, fan-outs, history."""
 import asyncio
+import json
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -8,8 +10,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from schemas.common import MAX_USER_ID, SLUG_PATTERN
+from schemas.events import MembershipChanged
 from service.bucket import bucket, layer_salt, segment_salt
+from service.domain import Change, Segment
+from service.write import sql
 from service.write.decoding import InboundRecord
+from service.write.outbox import membership_event
 from tests.support.batch import Feeder, create, update_user
 
 
@@ -444,3 +450,56 @@ async def test_each_history_row_of_an_add_keeps_the_expiry_that_add_gave(conn):
     ]
     assert {r["expires_at"] for r in rows if r["slug"] == "R"} == {None}  # rollout joins
 
+
+async def test_every_set_based_fan_out_writes_the_event_the_python_path_would(conn):
+    """Each statement of sql._fan_out (rollout add, listed add, rollout remove, segment deletion, expired drop, bulk
+    add and remove), several slices a command: each payload is a MembershipChanged with the values the worker's own
+    path (outbox.membership_event) writes, and its id is the name-based one of its command, segment, user, change
+    and reason: one of a kind even for a user dropped as expired and added again by one command."""
+    f = Feeder(conn, fan_out_slice=7)
+    f.now = f.now.replace(microsecond=123456)
+    t0, odd = f.now, 'bulk "1"\\\t\u00e9'  # a command id that JSON must escape
+    users = list(range(1, 41))
+    await f.apply(create("S"), {"type": "RegisterUsers", "command_id": "reg", "user_ids": users},
+                  create("R", "rollout", percent=50))
+    segments = {r["slug"]: Segment(r["id"], r["slug"], r["salt"])
+                for r in await conn.fetch("SELECT id, slug, salt FROM segments")}
+    r, s = segments["R"], segments["S"]
+    expected = [("rollout", "added", u, r, "auto_percent", None, t0) for u in users if bucket(r.salt, u) < 5000]
+    await f.apply({"type": "UpdateSegment", "command_id": "lower", "slug": "R", "auto_percent": 20})
+    expected += [("lower", "removed", u, r, "auto_percent", None, t0) for u in users if 2000 <= bucket(r.salt, u) < 5000]
+    new = next(u for u in range(1000, 2000) if bucket(r.salt, u) < 2000)  # registered by the bulk: joins R
+    ttl_end = t0 + timedelta(hours=1)
+    await f.apply({"type": "UpdateSegmentMembers", "command_id": odd, "slug": "S", "add": [1, 2, 3, 4, new],
+                   "ttl_seconds": 3600})
+    expected += [(odd, "added", u, s, "command", ttl_end, t0) for u in (1, 2, 3, 4, new)]
+    expected += [(odd, "added", new, r, "auto_percent", None, t0)]
+    f.now = t1 = t0 + timedelta(hours=2)  # S's memberships expired, their ExpireMembership not applied yet
+    later = t1 + timedelta(hours=1, microseconds=5)
+    await f.apply({"type": "UpdateSegmentMembers", "command_id": "again", "slug": "S", "add": [1, 2], "remove": [3],
+                   "expires_at": later.isoformat()})
+    expected += [("again", "removed", u, s, "expired", ttl_end, ttl_end) for u in (1, 2, 3)]
+    expected += [("again", "added", u, s, "command", later, t1) for u in (1, 2)]
+    await f.apply({"type": "UpdateSegmentMembers", "command_id": "drop", "slug": "S", "remove": [2]})
+    expected += [("drop", "removed", 2, s, "command", later, t1)]
+    await f.apply({"type": "DeleteSegment", "command_id": "delete", "slug": "S"})
+    expected += [("delete", "removed", 1, s, "segment_deleted", later, t1)]
+    expected += [("delete", "removed", u, s, "expired", ttl_end, ttl_end) for u in (4, new)]
+
+    rows = await conn.fetch("SELECT key, payload, event_id FROM outbox WHERE kind = 'membership' ORDER BY seq")
+    namespace = uuid.UUID(sql.FAN_OUT_EVENT_NAMESPACE)
+    written, wanted = [], []
+    for cid, change, user, seg, reason, expires_at, occurred_at in expected:
+        event_id = str(uuid.uuid3(namespace, f"{seg.id}:{user}:{change}:{reason}:{cid}"))
+        row = membership_event(Change(change, user, seg, reason, expires_at, occurred_at), cid)
+        wanted.append((str(user).encode(), json.loads(row.payload) | {"event_id": event_id}, event_id))
+    for row in rows:
+        event = MembershipChanged.model_validate_json(row["payload"])
+        assert event.event_id == row["event_id"] and uuid.UUID(row["event_id"]).version == 3
+        written.append((row["key"], json.loads(row["payload"]), row["event_id"]))
+    order = [e[0] for e in expected]
+
+    def in_order(events: list[tuple]) -> list[tuple]:  # a statement's rows in no particular order
+        return sorted(events, key=lambda e: (order.index(e[1]["command_id"]), e[2]))
+    assert in_order(written) == in_order(wanted)
+    assert len({w[2] for w in written}) == len(written) == len(expected) > 40
