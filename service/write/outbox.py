@@ -57,7 +57,7 @@ class CloudEvent:
         constant = {"ce_specversion": cloudevents.SPECVERSION, "ce_source": cloudevents.SOURCE, "ce_type": type_,
                     "content-type": cloudevents.CONTENT_TYPE}
         return cls(tuple((k, v.encode()) for k, v in constant.items()), time_field,
-                   (f'"{time_field}":"'.encode(), f'"{time_field}" : "'.encode()))  # json_build_object: " : "
+                   (f'"{time_field}":"'.encode(), f'"{time_field}" : "'.encode()))  # older fan-outs' rows: " : "
 
     def time(self, payload: bytes) -> bytes | None:
         """The payload's time, found without parsing the JSON (once per message in the relay). Inside a JSON string

@@ -165,6 +165,13 @@ _MD5_UUID = ("substr(md5, 1, 8) || '-' || substr(md5, 9, 4) || '-3' || substr(md
              "|| translate(substr(md5, 17, 1), '0123456789abcdef', '89ab89ab89ab89ab') || substr(md5, 18, 3) || '-' "
              "|| substr(md5, 21)")
 
+# The MembershipChanged payload, the bytes outbox.membership_event writes (its fields, its order, no spaces), joined
+# from text: json_build_object cost 3 µs a row. Only the command id can need escaping: slugs, reasons, ids and
+# times are made of characters JSON takes as they are.
+_EVENT_JSON = ("""'{{"event_id":"' || event_id || '","type":"MembershipChanged","change":"{change}","user_id":' """
+               """|| user_id || ',"slug":"' || $2::text || '","reason":"' || reason || '","expires_at":' """
+               """|| coalesce('"' || expires_text || '"', 'null') || ',"occurred_at":"' || occurred_text """
+               """|| '","command_id":' || coalesce(to_json($5::text)::text, 'null') || '}}'""")
 
 
 def _fan_out(changed_cte: str, change: str, reason: str, occurred: str = "$3::timestamptz",
@@ -190,11 +197,7 @@ history AS (
 ),
 published AS (
     INSERT INTO outbox (kind, key, payload, event_id)
-    SELECT 'membership', convert_to(user_id::text, 'UTF8'),
-           convert_to(json_build_object(
-               'event_id', event_id, 'type', 'MembershipChanged', 'change', '{change}', 'user_id', user_id,
-               'slug', $2::text, 'reason', reason, 'expires_at', expires_text, 'occurred_at', occurred_text,
-               'command_id', $5::text)::text, 'UTF8'),
+    SELECT 'membership', convert_to(user_id::text, 'UTF8'), convert_to({_EVENT_JSON.format(change=change)}, 'UTF8'),
            event_id
     FROM rows ORDER BY user_id
     RETURNING 1

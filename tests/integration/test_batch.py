@@ -1,9 +1,9 @@
 """The write path against a real PostgreSQL: rules, idempotency, dead letters, fan-outs, history."""
 import asyncio
-import json
 import uuid
 from datetime import timedelta
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -492,14 +492,14 @@ async def test_every_set_based_fan_out_writes_the_event_the_python_path_would(co
     for cid, change, user, seg, reason, expires_at, occurred_at in expected:
         event_id = str(uuid.uuid3(namespace, f"{seg.id}:{user}:{change}:{reason}:{cid}"))
         row = membership_event(Change(change, user, seg, reason, expires_at, occurred_at), cid)
-        wanted.append((str(user).encode(), json.loads(row.payload) | {"event_id": event_id}, event_id))
+        wanted.append((str(user).encode(), orjson.dumps(orjson.loads(row.payload) | {"event_id": event_id}), event_id))
     for row in rows:
         event = MembershipChanged.model_validate_json(row["payload"])
         assert event.event_id == row["event_id"] and uuid.UUID(row["event_id"]).version == 3
-        written.append((row["key"], json.loads(row["payload"]), row["event_id"]))
+        written.append((row["key"], row["payload"], row["event_id"]))
     order = [e[0] for e in expected]
 
     def in_order(events: list[tuple]) -> list[tuple]:  # a statement's rows in no particular order
-        return sorted(events, key=lambda e: (order.index(e[1]["command_id"]), e[2]))
-    assert in_order(written) == in_order(wanted)
+        return sorted(events, key=lambda e: (order.index(orjson.loads(e[1])["command_id"]), e[2]))
+    assert in_order(written) == in_order(wanted)  # byte for byte
     assert len({w[2] for w in written}) == len(written) == len(expected) > 40
