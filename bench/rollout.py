@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 import uuid
 
+import orjson
 from common import dev_stack
 from streams import run_commands, tail
 
@@ -29,12 +29,18 @@ async def fan_out(settings, command: dict, slug: str, timeout: float) -> tuple[d
     result: dict = {}
     last_at = 0.0
 
+    # The subscriber shares the 2 cores with the stack it measures: it parses only the events of this command
+    # (found by their command id's bytes) and with orjson (json.loads took ~0.3 s of CPU per 100 000 events).
+    mark = orjson.dumps({"command_id": command["command_id"]})[1:-1]
+
     async def collect() -> None:
         nonlocal last_at
         while not (result and len(users) >= result["events"]):
             for recs in (await events.getmany(timeout_ms=100, max_records=20_000)).values():
                 for r in recs:
-                    e = json.loads(r.value)
+                    if mark not in r.value:
+                        continue
+                    e = orjson.loads(r.value)
                     if e["slug"] == slug and e["command_id"] == command["command_id"]:
                         users.add(e["user_id"])
                         last_at = time.perf_counter()
