@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -33,6 +33,10 @@ class NotDueYetError(Exception):
 
 
 MAX_TTL_SECONDS = 100 * 366 * 24 * 3600
+# Every time a command sets is before this: PostgreSQL's driver stores the last instant Python has
+# (9999-12-31T23:59:59.999999Z) as `infinity` and reads it back as a naive datetime.max.
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+LATEST_TEXT = "9999-01-01T00:00:00Z"
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ def _check_times(label: str, expires_at: datetime | None, ttl_seconds: int | Non
         raise invalid(f"{label}expires_at is in the past", **details)
     if starts_at is not None and starts_at <= now:
         raise invalid(f"{label}starts_at is in the past", **details)
+    begins = starts_at or now  # the TTL counts from here; compared without the sum, which could overflow
+    if begins >= LATEST or (expires_at is not None and expires_at >= LATEST) or (
+            ttl_seconds is not None and begins >= LATEST - timedelta(seconds=ttl_seconds)):
+        raise invalid(f"{label}times must be before {LATEST_TEXT}", **details)
     if starts_at is not None and expires_at is not None and expires_at <= starts_at:
         raise invalid(f"{label}starts_at must be before expires_at", **details)
 
@@ -156,7 +164,8 @@ def validate_update(cmd: UpdateUserSegments, adds: list[SlugAdd], now: datetime)
         raise invalid(f"ttl_seconds must be from 1 to {MAX_TTL_SECONDS}")
     for a in adds:
         if a.expires_at is not None or a.ttl_seconds is not None or a.starts_at is not None:
-            _check_times(f"{a.slug}: ", a.expires_at, a.ttl_seconds, a.starts_at, now, slugs=[a.slug])
+            ttl = a.ttl_seconds if a.ttl_seconds is not None or a.expires_at is not None else cmd.ttl_seconds
+            _check_times(f"{a.slug}: ", a.expires_at, ttl, a.starts_at, now, slugs=[a.slug])
 
 
 def validate_segment_members(cmd: UpdateSegmentMembers, now: datetime) -> None:

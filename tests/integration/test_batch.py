@@ -503,3 +503,23 @@ async def test_every_set_based_fan_out_writes_the_event_the_python_path_would(co
         return sorted(events, key=lambda e: (order.index(orjson.loads(e[1])["command_id"]), e[2]))
     assert in_order(written) == in_order(wanted)  # byte for byte
     assert len({w[2] for w in written}) == len(written) == len(expected) > 40
+
+
+async def test_times_past_the_year_9998_are_refused_not_stored_as_infinity(conn):
+    """asyncpg stores 9999-12-31T23:59:59.999999Z as `infinity` and reads it back as a naive datetime.max: a later
+    command naming that membership could not compare it and was dead-lettered (found by a review)."""
+    f = Feeder(conn)
+    await f.apply(create("A"),
+                  update_user("last", 1, add=[{"slug": "A", "expires_at": "9999-12-31T23:59:59.999999Z"}]),
+                  update_user("late-start", 2, add=[{"slug": "A", "starts_at": "9998-12-31T00:00:00Z"}],
+                              ttl_seconds=3_000_000_000),
+                  {"type": "UpdateSegmentMembers", "command_id": "bulk-last", "slug": "A", "add": [3],
+                   "expires_at": "9999-06-01T00:00:00Z"},
+                  update_user("then", 1, remove=["A"]))
+    results = await f.results()
+    assert {c: (r[-1]["status"], r[-1]["error"] and r[-1]["error"]["code"]) for c, r in results.items()} == {
+        "create-A": ("applied", None), "last": ("rejected", "INVALID_COMMAND"),
+        "late-start": ("rejected", "INVALID_COMMAND"), "bulk-last": ("rejected", "INVALID_COMMAND"),
+        "then": ("applied", None)}
+    assert "before 9999" in results["last"][-1]["error"]["message"]
+    assert await f.outbox("dlq") == [] and await f.members("A") == set()
