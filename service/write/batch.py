@@ -132,7 +132,7 @@ class BatchProcessor:
         Raises a retryable error when the batch must be retried (see `next_step`). `alone`: every record in a
         part of its own (a batch whose retries kept failing: one poison record must not block its partition)."""
         report = report if report is not None else BatchReport()
-        decoded = [decode(r) for r in records]
+        decoded = await _rollouts_first([decode(r) for r in records], conn)
         for part in [[d] for d in decoded] if alone else _parts(decoded):
             await self._part(conn, part, report, alone=alone)
         return report
@@ -201,6 +201,18 @@ class BatchProcessor:
                 await conn.execute(sql.NOTIFY_OUTBOX)
         report.add(done)
         return finished
+
+
+async def _rollouts_first(items: list[Decoded], conn: asyncpg.Connection) -> list[Decoded]:
+    """The partitions that hold a rollout in progress first (each partition's records keep their order): a segment
+    command of another partition that waits for that rollout (rollouts.settle) must not wait for a later part of
+    its own batch."""
+    ids = [d.command_id for d in items if isinstance(d.command, (CreateSegment, UpdateSegment))]
+    rolling = {r["command_id"] for r in await conn.fetch(sql.ROLLOUTS_IN_PROGRESS, ids)} if ids else set()
+    if not rolling:
+        return items
+    first = {d.record.partition for d in items if d.command_id in rolling}
+    return [d for d in items if d.record.partition in first] + [d for d in items if d.record.partition not in first]
 
 
 def _parts(items: list[Decoded]) -> list[list[Decoded]]:
@@ -280,7 +292,6 @@ class _Part:
             await self.conn.execute(sql.LOCK_ROLLOUT_SHARED, db.ROLLOUT_LOCK)
         slugs = sorted({s for d in run for s in user_handlers.slugs_of(d.command)})
         rows = await self.conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, slugs, bool(new)) if slugs or new else []
-        await rollouts.settle(self.conn, [r["id"] for r in rows])
         await self.change_set.read_users(self.conn)
         segments = {r["slug"]: segment_handlers.segment_of(r) for r in rows}
         rolled_out = [s for s in segments.values() if s.auto_percent > 0]

@@ -8,9 +8,16 @@ record again: a pass that finds the progress row goes on from there, and the pas
 writes the result, the inbox row and the offset, and deletes the progress row. A worker that crashes in between
 leaves the offset where it was: the next owner of the partition reads the command again and resumes it.
 
-While a rollout's progress row exists nothing else may change what it decides on (the segment, its members and
-exclusions, the known users): every command that locks the segment waits until the row is gone (`settle`), as it
-waited for the one long transaction before. The passes themselves take no lock those commands hold.
+While a rollout's progress row exists no other segment command may change the segment: one that locks it (and
+a segment placed in its layer) waits until the row is gone (`settle`); the passes take no lock it holds. Those
+commands share the rollout's key (the slug), so in a batch they come after it. Users' commands do not wait: they
+may go to another partition, even to a part of the same batch before the rollout's (a wait there would wait for
+itself), and applied between two passes they give what the rules give at the new percent: a user the rollout has
+not reached yet is in it already (a raise: their add finds no membership and makes one, the rollout's slice then
+skips the user; their remove leaves an exclusion the slice honours) or already out of it (a lowering: their add
+takes the rollout membership over as an explicit one, which the slice leaves alone; their remove deletes it). New
+users join the rollout at its new percent when registered, and the slice skips them. The read side counts a
+rollout membership inside the segment's line only, so it answers the new percent from the first pass on.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMem
     if seg is None:
         raise CommandRejectedError(ErrorCode.SEGMENT_NOT_FOUND, f"unknown or deleted segment: {cmd.slug}",
                                    {"slugs": [cmd.slug]})
-    await rollouts.settle(conn, [s.id for s in segments])
+    await rollouts.settle(conn, [seg.id])  # its own segment only: see rollouts.py on the users' commands
     # 100 000 rows per statement: sorted and staged in memory instead of temporary files (this transaction only).
     await conn.execute(sql.BULK_WORK_MEM)
     args = (seg.id, seg.slug, now, format_time(now), cmd.command_id)

@@ -44,17 +44,6 @@ async def frozen_between_passes(conn) -> asyncpg.Record:
     return row
 
 
-async def polling(conn, pid: int, task: asyncio.Task) -> bool:
-    """Whether `task` on backend `pid` waits, its locks taken, for a rollout in progress (rollouts.settle polls),
-    or is done."""
-    if task.done():
-        return True
-    await conn.execute("SELECT pg_stat_clear_snapshot()")  # a transaction sees one snapshot of the statistics
-    return await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'idle in transaction' "
-        "AND query LIKE '%FROM fan_outs WHERE segment_id%'", pid)
-
-
 async def test_a_rollout_commits_pass_by_pass_and_its_result_comes_with_the_last(database_url, conn, caplog):
     executor, f = await rollout_of(database_url, 30)
     try:
@@ -108,11 +97,10 @@ async def test_a_rollout_cut_off_between_passes_is_resumed_where_it_stopped(data
     assert await conn.fetchval("SELECT next_offset FROM consumer_offsets WHERE partition = 0") == 2
 
 
-async def test_a_command_on_the_segment_waits_for_the_rollout_in_progress(database_url, conn):
-    """Lowering the percent: a user above the new line whose rollout membership the fan-out has not reached yet is
-    added explicitly meanwhile. The add waits for the rollout, as it waited for its one transaction before: the
-    user's events are those of the order the commands were applied in (applied between two passes, the add would
-    take over the rollout membership the rollout was about to remove, without an event)."""
+async def test_users_commands_between_two_passes_are_applied_at_the_new_percent(database_url, conn):
+    """Lowering the percent: two users above the new line whose rollout memberships the rollout has not reached yet.
+    Their commands do not wait for it (a wait in a part of a batch before the rollout's own would wait for itself):
+    an explicit add takes the rollout membership over, a remove deletes it; the rollout leaves both alone."""
     executor, f = await rollout_of(database_url, 30)
     await f.apply(update("to-30", 30))
     user_conn = await asyncpg.connect(database_url)
@@ -120,23 +108,24 @@ async def test_a_command_on_the_segment_waits_for_the_rollout_in_progress(databa
         lowering = asyncio.create_task(f.apply(update("to-10", 10)))
         async with conn.transaction():
             held = await frozen_between_passes(conn)
-            user = min(u for u in between(1000, 3000) if u > held["after_user"])  # still a rollout member
+            kept, dropped = sorted(u for u in between(1000, 3000) if u > held["after_user"])[:2]  # not reached yet
             # The read side answers the new percent already: a rollout membership counts inside the line only.
-            assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = $1", user) == "auto_percent"
-            assert [r["slug"] for r in await conn.fetch(views.USER_SEGMENTS, user)] == []
-            adding = asyncio.create_task(Feeder(user_conn).apply(update_user("add", user, add=["R"]), partition=1))
-            await wait_until(lambda: polling(conn, user_conn.get_server_pid(), adding),
-                             message="the user command waiting for the rollout (or done)")
-        await asyncio.wait_for(asyncio.gather(lowering, adding), 60)
+            assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = $1", kept) == "auto_percent"
+            assert [r["slug"] for r in await conn.fetch(views.USER_SEGMENTS, kept)] == []
+            users = Feeder(user_conn)
+            await asyncio.wait_for(users.apply(update_user("add", kept, add=["R"]),  # while the rollout is held
+                                               update_user("drop", dropped, remove=["R"]), partition=1), 30)
+        await asyncio.wait_for(lowering, 60)
     finally:
         await executor.close()
         await user_conn.close()
     f = Feeder(conn)  # what was written, read on the test's connection
-    assert user in await f.members("R")
-    assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = $1", user) == "manual"
-    assert [e[0] for e in await f.events(user)] == ["added", "removed", "added"]  # joined, left at 10 %, added
-    left = between(1000, 3000) - {user}
-    assert await f.members("R") == between(0, 1000) | {user} and not left & await f.members("R")
+    assert await f.members("R") == between(0, 1000) | {kept}
+    assert await conn.fetchval("SELECT source FROM memberships WHERE user_id = $1", kept) == "manual"
+    assert [e[0] for e in await f.events(kept)] == ["added"]  # still a member, now an explicit one: no event
+    assert [(e[0], e[3]) for e in await f.events(dropped)] == [("added", "auto_percent"), ("removed", "command")]
+    assert await conn.fetchval("SELECT count(*) FROM exclusions WHERE user_id = $1", dropped) == 1
+    assert [r["slug"] for r in await conn.fetch(views.USER_SEGMENTS, kept)] == ["R"]
 
 
 async def test_a_wait_for_a_rollout_lasts_while_it_progresses_and_gives_up_when_it_stalls(conn):
@@ -298,3 +287,32 @@ async def test_a_worker_letting_its_partitions_go_stops_a_rollout_between_two_pa
     finally:
         await executor.close()
     assert report.events == len(between(0, 3000)) and await again.members("R") == between(0, 3000)
+
+
+async def test_a_batch_resumes_its_rollouts_before_the_segment_commands_that_wait_for_them(database_url, conn):
+    """A lowering in a layer cut between passes; the next owner's batch holds a creation in that layer on a
+    partition sorted before the lowering's: it must not wait for a part of its own batch."""
+    executor = await asyncpg.connect(database_url)
+    await conn.execute("INSERT INTO users (user_id, registered_at) SELECT g, now() FROM generate_series(1, $1) g",
+                       USERS)
+    f = Feeder(executor, fan_out_slice=200, fan_out_pass_seconds=0)
+    await f.apply({"type": "CreateSegment", "command_id": "cA", "slug": "A", "layer": "L", "auto_percent": 30},
+                  partition=1)
+    lowering = f.record({"type": "UpdateSegment", "command_id": "lowA", "slug": "A", "auto_percent": 10}, partition=1)
+    running = asyncio.create_task(f.processor.process(executor, [lowering]))
+    async with conn.transaction():
+        await frozen_between_passes(conn)
+        await conn.execute("SELECT pg_terminate_backend($1)", executor.get_server_pid())
+        with pytest.raises(errors.DATABASE_FAILURE):
+            await running
+    again = Feeder(conn)
+    creating = again.record({"type": "CreateSegment", "command_id": "cB", "slug": "B", "layer": "L",
+                             "auto_percent": 20}, partition=0)
+    await conn.execute("SET lock_timeout = '2s'")  # a wait for its own batch would end in LockNotAvailableError
+    await again.processor.process(conn, [creating, lowering])
+    await conn.execute("RESET lock_timeout")
+    results = await again.results()
+    assert [results[c][-1]["status"] for c in ("lowA", "cB")] == ["applied", "applied"]
+    assert await conn.fetchval(
+        "SELECT count(*) FROM memberships a JOIN memberships b USING (user_id) "
+        "WHERE a.segment_id = 1 AND b.segment_id = 2") == 0
