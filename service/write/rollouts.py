@@ -8,8 +8,10 @@ record again: a pass that finds the progress row goes on from there, and the pas
 writes the result, the inbox row and the offset, and deletes the progress row. A worker that crashes in between
 leaves the offset where it was: the next owner of the partition reads the command again and resumes it.
 
-While a rollout's progress row exists no other segment command may change the segment: one that locks it (and
-a segment placed in its layer) waits until the row is gone (`settle`); the passes take no lock it holds. Those
+While a rollout's progress row exists no other segment command may change the segment: one that locks it waits
+until the row is gone (`settle`) before it takes the segment's row, which each pass holds for update, and checks
+once it holds it (`not_rolling`: a rollout started meanwhile is a lock timeout, retried). A segment placed in a
+layer waits for the layer's rollouts the same way (holding only its own row, which their passes do not take). Those
 commands share the rollout's key (the slug), so in a batch they come after it. Users' commands do not wait: they
 may go to another partition, even to a part of the same batch before the rollout's (a wait there would wait for
 itself), and applied between two passes they give what the rules give at the new percent: a user the rollout has
@@ -85,6 +87,10 @@ async def run(conn: asyncpg.Connection, progress: Progress, slice_size: int, pas
     loop = asyncio.get_running_loop()
     deadline = loop.time() + pass_seconds
     statement, args, bound_query, bound_args = progress.rollout.statement(progress.command_id)
+    # Each pass holds the segment's row for update, as a fan-out did, for the pass only: a user's command holding it
+    # for share (and writing an exclusion or membership the slices decide on) commits before or after the pass's
+    # slices, never between a slice's snapshot and its writes.
+    await conn.execute(sql.LOCK_ROLLOUT_SEGMENT, progress.rollout.segment_id)
     await conn.execute(sql.BULK_WORK_MEM)  # a slice's outbox rows are sorted by user in memory
     async for after, upto in walk(conn, slice_size, bound_query, *bound_args, after=progress.after):
         progress.events += await conn.fetchval(statement, *args, after, upto)
@@ -139,12 +145,17 @@ async def poll(conn: asyncpg.Connection, ready: Callable[[], Awaitable[object]],
         pause = min(pause * 2, 0.2)
 
 
-async def settle(conn: asyncpg.Connection, segment_ids: list[int]) -> None:
-    """Wait until no rollout of these (locked) segments is in progress: as long as one commits passes, or for the
-    lock_timeout if none does (a worker crashed in it: the partition's next owner resumes it). Called right after
-    the segments' row locks, in a statement of its own: a pass that committed while this waited for them is seen."""
-    if segment_ids:
-        await _settle(conn, sql.FAN_OUTS_RUNNING, segment_ids)
+async def settle(conn: asyncpg.Connection, slugs: list[str]) -> None:
+    """Wait until no rollout of these segments is in progress: as long as one commits passes, or for the
+    lock_timeout if none does (a worker crashed in it: the partition's next owner resumes it). Before the
+    segments' row locks (each pass takes its segment's); `not_rolling` once they are held."""
+    await _settle(conn, sql.FAN_OUTS_RUNNING, slugs)
+
+
+async def not_rolling(conn: asyncpg.Connection, slugs: list[str]) -> None:
+    """Under the segments' row locks, in a statement of its own: no rollout of them began since `settle`."""
+    if await conn.fetchval(sql.FAN_OUTS_RUNNING, slugs) is not None:
+        raise asyncpg.exceptions.LockNotAvailableError("a rollout of the segment began meanwhile")
 
 
 async def settle_layer(conn: asyncpg.Connection, layer: str) -> None:

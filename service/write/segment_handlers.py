@@ -58,10 +58,11 @@ def line(seg: Segment) -> int:
 
 
 async def _locked(conn: asyncpg.Connection, slug: str) -> asyncpg.Record:
+    await rollouts.settle(conn, [slug])  # before the row lock, which the rollout's passes take
     row = await conn.fetchrow(sql.LOCK_SEGMENT_FOR_UPDATE, slug)
     if row is None:
         raise CommandRejectedError(ErrorCode.SEGMENT_NOT_FOUND, f"unknown or deleted segment: {slug}", {"slugs": [slug]})
-    await rollouts.settle(conn, [row["id"]])
+    await rollouts.not_rolling(conn, [slug])
     return row
 
 

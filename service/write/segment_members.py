@@ -29,12 +29,13 @@ async def update_segment_members(conn: asyncpg.Connection, cmd: UpdateSegmentMem
     new = [r["user_id"] for r in await conn.fetch(sql.LOCK_OR_INSERT_USERS, named, now)]
     if new:
         await conn.execute(sql.LOCK_ROLLOUT_SHARED, db.ROLLOUT_LOCK)
+    await rollouts.settle(conn, [cmd.slug])  # its own segment only (see rollouts.py), before its row lock
     segments = [segment_of(r) for r in await conn.fetch(sql.LOCK_SEGMENTS_FOR_SHARE, [cmd.slug], bool(new))]
     seg = next((s for s in segments if s.slug == cmd.slug), None)
     if seg is None:
         raise CommandRejectedError(ErrorCode.SEGMENT_NOT_FOUND, f"unknown or deleted segment: {cmd.slug}",
                                    {"slugs": [cmd.slug]})
-    await rollouts.settle(conn, [seg.id])  # its own segment only: see rollouts.py on the users' commands
+    await rollouts.not_rolling(conn, [cmd.slug])
     # 100 000 rows per statement: sorted and staged in memory instead of temporary files (this transaction only).
     await conn.execute(sql.BULK_WORK_MEM)
     args = (seg.id, seg.slug, now, format_time(now), cmd.command_id)

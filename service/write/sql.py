@@ -320,10 +320,11 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (command_id) DO UPDATE SET after_user = EXCLUDED.after_user, events = EXCLUDED.events, updated_at = now()
 """
 FIND_FAN_OUT = "SELECT * FROM fan_outs WHERE command_id = $1 FOR UPDATE"
+LOCK_ROLLOUT_SEGMENT = "SELECT 1 FROM segments WHERE id = $1 FOR UPDATE"
 ROLLOUTS_IN_PROGRESS = "SELECT command_id FROM fan_outs WHERE command_id = ANY($1::text[])"
 FAN_OUT_STARTED = "SELECT EXISTS (SELECT 1 FROM fan_outs WHERE command_id = $1)"
 END_FAN_OUT = "DELETE FROM fan_outs WHERE command_id = $1"
-# The last pass of the segments' rollouts in progress; NULL: none.
-FAN_OUTS_RUNNING = "SELECT max(updated_at) FROM fan_outs WHERE segment_id = ANY($1::bigint[])"
+# The last pass of the segments' rollouts in progress (by slug: looked up before the segment is locked); NULL: none.
+FAN_OUTS_RUNNING = "SELECT max(updated_at) FROM fan_outs WHERE slug = ANY($1::text[])"
 LAYER_FAN_OUTS_RUNNING = """
 SELECT max(f.updated_at) FROM fan_outs f JOIN segments s ON s.id = f.segment_id WHERE s.layer = $1"""

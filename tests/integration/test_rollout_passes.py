@@ -316,3 +316,32 @@ async def test_a_batch_resumes_its_rollouts_before_the_segment_commands_that_wai
     assert await conn.fetchval(
         "SELECT count(*) FROM memberships a JOIN memberships b USING (user_id) "
         "WHERE a.segment_id = 1 AND b.segment_id = 2") == 0
+
+
+async def test_a_users_remove_committed_during_a_pass_is_not_lost(database_url, conn):
+    """A raise: a user's remove (its exclusion written, not committed yet) while the rollout's next pass starts.
+    The pass waits for the user's command (it holds the segment's row for update, as a fan-out always did): a
+    slice that read the exclusions before the remove committed would have added the user anyway."""
+    executor, f = await rollout_of(database_url, 30)
+    running = asyncio.create_task(f.apply(update("to-30", 30)))
+    remover = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            held = await frozen_between_passes(conn)
+            user = min(between(0, 3000) - set(range(held["after_user"] + 1)))  # the next slice's first joiner
+            removing = remover.transaction()
+            await removing.start()  # as a user's command does: the segment for share, then its writes
+            await remover.execute("SELECT 1 FROM segments WHERE id = 1 FOR SHARE")
+            await remover.execute("INSERT INTO exclusions (user_id, segment_id, excluded_at) VALUES ($1, 1, now())",
+                                  user)
+        # The rollout goes on: it waits for the remove, or (without the row lock) adds the user meanwhile.
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            executor.get_server_pid()) if not running.done() else asyncio.sleep(0, True),
+            message="the pass waiting for the user's command")
+        await removing.commit()
+        await asyncio.wait_for(running, 60)
+    finally:
+        await executor.close()
+        await remover.close()
+    assert user not in await Feeder(conn).members("R")
