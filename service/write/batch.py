@@ -46,6 +46,7 @@ USER_HANDLERS: dict[type, Callable[..., Any]] = {
     ExpireMembership: user_handlers.expire_membership,
     StartMembership: user_handlers.start_membership,
 }
+ROLLOUT_COMMANDS = (CreateSegment, UpdateSegment)  # the segment commands that may leave a rollout to run
 SEGMENT_HANDLERS: dict[type, Callable[..., Awaitable[Any]]] = {
     CreateSegment: segment_handlers.create_segment,
     UpdateSegment: segment_handlers.update_segment,
@@ -141,10 +142,11 @@ class BatchProcessor:
                     work: Work | None = None, alone: bool = False) -> None:
         """Apply `items` in one transaction (with `work`, or the normal way); on failure, take `next_step`. A rollout
         takes one transaction per pass (service/write/rollouts.py)."""
+        how = work or _Part.apply
         try:
-            finished = await self._apply_in_transaction(conn, items, report, work or _Part.apply)
+            finished = await self._apply_in_transaction(conn, items, report, how)
             while not finished and not self.should_stop():  # a rollout's pass committed: the next goes on from it
-                finished = await self._apply_in_transaction(conn, items, report, work or _Part.apply)
+                finished = await self._apply_in_transaction(conn, items, report, how)
         except Exception as exc:
             failure = exc
         else:
@@ -192,12 +194,11 @@ class BatchProcessor:
                 await work(part, fresh)
                 await part.change_set.flush(conn)
                 finished = not part.unfinished
-            if fresh and finished:
-                last: dict[int, int] = {}
-                for d in fresh:
-                    last[d.record.partition] = max(last.get(d.record.partition, -1), d.record.offset + 1)
-                await conn.execute(sql.STORE_OFFSETS, self.group, topic, list(last), list(last.values()))
-            if fresh:
+                if finished:
+                    last: dict[int, int] = {}
+                    for d in fresh:
+                        last[d.record.partition] = max(last.get(d.record.partition, -1), d.record.offset + 1)
+                    await conn.execute(sql.STORE_OFFSETS, self.group, topic, list(last), list(last.values()))
                 await conn.execute(sql.NOTIFY_OUTBOX)
         report.add(done)
         return finished
@@ -207,8 +208,8 @@ async def _rollouts_first(items: list[Decoded], conn: asyncpg.Connection) -> lis
     """The partitions that hold a rollout in progress first (each partition's records keep their order): a segment
     command of another partition that waits for that rollout (rollouts.settle) must not wait for a later part of
     its own batch."""
-    ids = [d.command_id for d in items if isinstance(d.command, (CreateSegment, UpdateSegment))]
-    rolling = {r["command_id"] for r in await conn.fetch(sql.ROLLOUTS_IN_PROGRESS, ids)} if ids else set()
+    ids = [d.command.command_id for d in items if isinstance(d.command, ROLLOUT_COMMANDS)]
+    rolling = await rollouts.in_progress(conn, ids) if ids else set()
     if not rolling:
         return items
     first = {d.record.partition for d in items if d.command_id in rolling}
@@ -232,9 +233,10 @@ def _parts(items: list[Decoded]) -> list[list[Decoded]]:
 
 
 async def _rollout_started(conn: asyncpg.Connection, items: list[Decoded]) -> bool:
+    """Whether `items` is a rollout whose passes have committed (so it can no longer be rejected, only finished)."""
     d = items[0]
-    return (len(items) == 1 and isinstance(d.command, (CreateSegment, UpdateSegment))
-            and await rollouts.started(conn, d.command.command_id))
+    return (len(items) == 1 and isinstance(d.command, ROLLOUT_COMMANDS)
+            and d.command.command_id in await rollouts.in_progress(conn, [d.command.command_id]))
 
 
 def _label(d: Decoded) -> str:

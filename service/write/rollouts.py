@@ -24,7 +24,6 @@ rollout membership inside the segment's line only, so it answers the new percent
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,8 +32,6 @@ import asyncpg
 
 from schemas.common import format_time
 from service.write import sql
-
-log = logging.getLogger("segmentation.worker")
 
 FIRST_BOUND = -(2**63)  # below every user id
 _NOTHING = object()
@@ -120,9 +117,9 @@ async def find(conn: asyncpg.Connection, command_id: str) -> Progress | None:
     return Progress(command_id, row["body_hash"], rollout, row["after_user"], row["events"], stored=True)
 
 
-async def started(conn: asyncpg.Connection, command_id: str) -> bool:
-    """Whether the command's rollout has committed passes (so it can no longer be rejected, only finished)."""
-    return await conn.fetchval(sql.FAN_OUT_STARTED, command_id)
+async def in_progress(conn: asyncpg.Connection, command_ids: list[str]) -> set[str]:
+    """Those of the commands whose rollout has committed passes and is not done."""
+    return {r["command_id"] for r in await conn.fetch(sql.ROLLOUTS_IN_PROGRESS, command_ids)}
 
 
 async def poll(conn: asyncpg.Connection, ready: Callable[[], Awaitable[object]], waiting_for: str) -> None:

@@ -322,7 +322,6 @@ ON CONFLICT (command_id) DO UPDATE SET after_user = EXCLUDED.after_user, events 
 FIND_FAN_OUT = "SELECT * FROM fan_outs WHERE command_id = $1 FOR UPDATE"
 LOCK_ROLLOUT_SEGMENT = "SELECT 1 FROM segments WHERE id = $1 FOR UPDATE"
 ROLLOUTS_IN_PROGRESS = "SELECT command_id FROM fan_outs WHERE command_id = ANY($1::text[])"
-FAN_OUT_STARTED = "SELECT EXISTS (SELECT 1 FROM fan_outs WHERE command_id = $1)"
 END_FAN_OUT = "DELETE FROM fan_outs WHERE command_id = $1"
 # The last pass of the segments' rollouts in progress (by slug: looked up before the segment is locked); NULL: none.
 FAN_OUTS_RUNNING = "SELECT max(updated_at) FROM fan_outs WHERE slug = ANY($1::text[])"

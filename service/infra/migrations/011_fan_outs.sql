@@ -1,7 +1,7 @@
 -- A rollout's fan-out in progress (service/write/rollouts.py): committed a pass at a time, so the relay publishes
 -- its events while it runs, and resumed from here by whichever worker reads the command again after a crash.
 -- The row exists from the first pass that left users to do until the pass that did the last one; while it exists,
--- every command that locks the segment waits (rollouts.settle). Usually empty.
+-- every segment command that locks the segment waits (rollouts.settle). Usually empty.
 CREATE TABLE fan_outs (
     command_id  text        PRIMARY KEY,
     body_hash   text        NOT NULL,  -- a command with this id and another body is a conflict, not a resume
