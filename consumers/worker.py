@@ -89,6 +89,9 @@ class CommandWorker:
         known = [tp for tp in tps if tp.partition in stored]
         starts = await self.consumer.beginning_offsets(known) if known else {}
         ends = await self.consumer.end_offsets(known) if known else {}
+        if past := {tp: stored[tp.partition] - 1 for tp in known if stored[tp.partition] > ends[tp]}:
+            for tp in await kafka.holding(self.settings, past):  # a listed end short of the log: nothing is wrong
+                ends[tp] = stored[tp.partition]
         for tp in known:
             position, reason = start_position(stored[tp.partition], starts[tp], ends[tp])
             if reason is not None:

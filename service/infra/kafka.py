@@ -8,7 +8,7 @@ import struct
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, OffsetOutOfRangeError
 
 from service.infra.settings import Settings
 
@@ -160,6 +160,31 @@ async def seek_to_end_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition])
     await consumer.seek_to_end(*tps)
     for tp in tps:
         await consumer.position(tp)
+
+
+async def holding(settings: Settings, offsets: dict[TopicPartition, int], timeout: float = 1.0) -> set[TopicPartition]:
+    """The partitions whose log still holds the record at the offset given for it, asked with a fetch. The end a
+    broker lists can be short of the log: the embedded one lists the last producer batch's base offset + 1."""
+    consumer = Consumer(settings, **client_options(settings) | {"group_id": None, "enable_auto_commit": False,
+                                                                "auto_offset_reset": "none"})
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        for tp, offset in offsets.items():
+            consumer.seek(tp, offset)
+        held: set[TopicPartition] = set()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (waiting := [tp for tp in offsets if tp not in held]) \
+                and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                batch = await consumer.getmany(*waiting, timeout_ms=int(left * 1000), max_records=len(waiting))
+            except OffsetOutOfRangeError as exc:  # Kafka's answer for an offset the log no longer has
+                consumer.pause(*exc.args[0])
+                continue
+            held |= {tp for tp, records in batch.items() if any(r.offset >= offsets[tp] for r in records)}
+        return held
+    finally:
+        await consumer.stop()
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:

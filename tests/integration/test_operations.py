@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from schemas import CreateSegment, UpdateUserSegments
 from service.infra import db
 from service.read.api import create_app
-from tests.support.harness import FakeProducer, Stack, cid
+from tests.support.harness import FakeProducer, Stack, cid, read_all
 from tests.support.helpers import ROOT, fast_settings, new_database, settings_env, wait_until
 
 
@@ -203,6 +203,40 @@ async def test_stored_offsets_beyond_a_recreated_topics_end_start_again_at_its_b
     assert result.status == "applied"  # not skipped as "already applied"
     assert sample("segmentation_offset_resets_total", reason="beyond_log_end") >= before + 1
     assert any("beyond the end of the log" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_worker_taking_over_resumes_at_the_stored_offset_though_the_listed_end_is_short(settings, caplog):
+    """The embedded broker lists a partition's end as its last producer batch's base offset + 1, short of the
+    records that batch holds. A stored offset past that listed end is not a recreated topic: the log holds the
+    record before it, so the next worker resumes there (it started again at the log's beginning and
+    dead-lettered the bad commands a second time)."""
+    before = sample("segmentation_offset_resets_total", reason="beyond_log_end")
+    async with Stack(settings) as stack:
+        producer = stack.client.producer
+        batch = producer.create_batch()
+        for i in range(10):
+            batch.append(key=b"1", value=b"not json %d" % i, timestamp=None)
+        batch.close()
+        await (await producer.send_batch(batch, settings.commands_topic, partition=0))
+        await wait_until(lambda: _stored_offset(stack, 0, 10), message="the batch applied")
+        await wait_until(lambda: _grew_to(stack, settings.dlq_topic, 10), message="10 dead letters")
+    async with Stack(settings) as stack:
+        assert (await stack.request(CreateSegment(command_id=cid(), slug="RESUMED"), timeout=60)).status == "applied"
+        assert await _stored_offset(stack, 0, 10)
+    assert len(await read_all(settings, settings.dlq_topic)) == 10
+    assert sample("segmentation_offset_resets_total", reason="beyond_log_end") == before
+    assert not any("beyond the end of the log" in r.getMessage() for r in caplog.records)
+
+
+async def _stored_offset(stack: Stack, partition: int, offset: int) -> bool:
+    rows = await stack.query("SELECT next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2 "
+                             "AND partition = $3", stack.settings.consumer_group, stack.settings.commands_topic,
+                             partition)
+    return bool(rows) and rows[0]["next_offset"] == offset
+
+
+async def _grew_to(stack: Stack, topic: str, n: int) -> bool:
+    return len(stack.collector.values(topic)) >= n
 
 
 async def test_api_processes_share_one_port_count_requests_together_and_are_started_again(settings, conn):
