@@ -41,6 +41,26 @@ async def test_due_items_sharing_one_time_are_published_once_while_the_worker_la
     assert len({r.key for r in published}) == MANY
 
 
+async def test_a_burst_read_ahead_of_its_instant_goes_out_at_that_instant_never_before(conn, settings, monkeypatch):
+    """The scheduler reads and encodes a burst PREPARE_AHEAD before it is due and sends it at the due instant: a
+    command sent early would be ignored by the worker (not due yet) and sent again only after REPUBLISH_AFTER."""
+    monkeypatch.setattr(scheduler, "PREPARE_AHEAD", timedelta(seconds=0.5))
+    f = Feeder(conn)
+    due = (f.now + timedelta(seconds=2)).replace(microsecond=0)
+    await f.apply(create("A"), *[update_user(f"u{u}", u, add=[{"slug": "A", "expires_at": due.isoformat()}])
+                                 for u in range(1, MANY + 1)])
+    producer = scheduler.TtlProducer(settings.model_copy(update={"ttl_batch_max": MANY // 4}))
+    task = asyncio.create_task(producer.run())
+    try:
+        await wait_until(lambda: _published_at_least(producer, MANY), 30, message="every expiry published")
+    finally:
+        producer.stop()
+        await asyncio.wait_for(task, 30)
+    published = await commands_published(settings)
+    assert len({r.key for r in published}) == len(published) == MANY
+    assert min(r.timestamp for r in published) >= due.timestamp() * 1000
+
+
 async def _published_at_least(producer, n: int) -> bool:
     return producer.published >= n
 
