@@ -208,8 +208,9 @@ class TtlProducer(leader.LeaderLoop):
 
 
 async def _until(when: datetime) -> None:
-    """Sleep until the wall clock reaches `when` (at once if it has)."""
-    while (left := (when - datetime.now(UTC)).total_seconds()) > 0:
+    """Sleep until the wall clock reaches `when` (at once if it has). The loop's clock is not the wall clock: a
+    sleep can end a little before `when`, so it is checked again (nothing sets an event at a wall-clock time)."""
+    while (left := (when - datetime.now(UTC)).total_seconds()) > 0:  # noqa: ASYNC110
         await asyncio.sleep(left)
 
 
