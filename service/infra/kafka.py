@@ -134,6 +134,7 @@ def consumer(settings: Settings, *topics: str, group: str | None, **overrides) -
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
         "rebalance_timeout_ms": settings.kafka_rebalance_timeout_ms,
         "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
     return Consumer(settings, *topics, **(opts | overrides))

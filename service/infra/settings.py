@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = 1_000
     kafka_rebalance_timeout_ms: int = 10_000
     kafka_max_poll_interval_ms: int = 300_000
+    kafka_fetch_max_wait_ms: int = Field(default=500, ge=0)  # Kafka's default; the dev stack's embedded broker: 20
 
     kafka_enable_idempotence: bool = False
     kafka_acks: str = "all"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
+from service.dev.supervisor import EMBEDDED_FETCH_MAX_WAIT_MS
 from service.infra.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,7 @@ def fast_settings(database_url: str, bootstrap: str, **overrides) -> Settings:
         commands_partitions=4, events_partitions=4,
         kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=300, kafka_rebalance_timeout_ms=2000,
         relay_poll_seconds=0.2, worker_poll_ms=100, log_format="text",
+        kafka_fetch_max_wait_ms=int(EMBEDDED_FETCH_MAX_WAIT_MS),  # the embedded broker, as the dev stack
     )
     return Settings(**(values | overrides))
 

@@ -42,3 +42,30 @@ def test_api_children_share_the_port_and_above_one_a_metrics_folder_removed_at_t
         assert [(c.env["API_PROCESSES"], c.env["PROMETHEUS_MULTIPROC_DIR"], c.argv[-3:]) for c in three] == [
             ("3", folder, ["api", "--processes", "1"])] * 3
     assert not os.path.exists(folder)
+
+
+def test_the_processes_on_the_embedded_broker_fetch_with_a_short_wait_unless_told_otherwise():
+    """The embedded broker answers a waiting fetch only when its wait is over, not when a record arrives (a
+    command waited up to ~115 ms per hop with Kafka's 500 ms): the dev stack's processes wait 20 ms. On an
+    external broker, and where the user set it, their setting stands."""
+    from service.dev.supervisor import child_env
+
+    embedded = child_env({"PATH": "/bin"}, "postgresql://db", "127.0.0.1:9092", external_kafka=False)
+    assert embedded == {"PATH": "/bin", "DATABASE_URL": "postgresql://db", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+                        "KAFKA_FETCH_MAX_WAIT_MS": "20"}
+    assert "KAFKA_FETCH_MAX_WAIT_MS" not in child_env({}, "postgresql://db", "kafka:9092", external_kafka=True)
+    told = child_env({"KAFKA_FETCH_MAX_WAIT_MS": "300"}, "postgresql://db", "127.0.0.1:9092", external_kafka=False)
+    assert told["KAFKA_FETCH_MAX_WAIT_MS"] == "300"
+
+
+async def test_consumers_take_their_fetch_wait_from_the_settings():
+    from service.infra import kafka
+    from service.infra.settings import Settings
+
+    default, short = kafka.consumer(Settings(), group=None), kafka.consumer(Settings(kafka_fetch_max_wait_ms=20), group="g")
+    try:
+        assert default._fetch_max_wait_ms == 500  # Kafka's own default
+        assert short._fetch_max_wait_ms == 20
+    finally:
+        await default.stop()
+        await short.stop()
