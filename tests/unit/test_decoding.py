@@ -46,7 +46,8 @@ def test_a_command_decodes_once_with_a_hash_that_ignores_issued_at():
 
 @settings(max_examples=150, deadline=None)
 @given(kind=st.sampled_from([ExpireMembership, StartMembership]),
-       command_id=st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=128),
+       command_id=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1,
+                          max_size=128),  # a lone surrogate is no str pydantic takes (nor JSON text)
        user_id=st.integers(1, 2**63 - 1), slug=st.from_regex(SLUG_PATTERN, fullmatch=True),
        at=st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
                                                   timezone(timedelta(hours=-11))]),
