@@ -99,12 +99,13 @@ class TtlProducer(leader.LeaderLoop):
         self.secret = b""
 
     def on_notify(self, _conn, _pid, _channel, payload: str) -> None:
-        """A worker set an expiry or a start: wake early if it is sooner than the planned wake-up."""
+        """A worker set an expiry or a start: wake early if it is due no later than the next due instant (one due
+        at that very instant may have been committed after the pass read ahead for it: `PREPARE_AHEAD`)."""
         try:
             when = datetime.fromisoformat(payload.replace("Z", "+00:00"))
         except ValueError:
             when = None
-        if when is None or self.next_due is None or when < self.next_due:
+        if when is None or self.next_due is None or when <= self.next_due:
             self.wake.set()
 
     async def lead(self, conn: asyncpg.Connection) -> None:

@@ -61,6 +61,29 @@ async def test_a_burst_read_ahead_of_its_instant_goes_out_at_that_instant_never_
     assert min(r.timestamp for r in published) >= due.timestamp() * 1000
 
 
+async def test_an_item_due_at_the_instant_read_ahead_but_committed_after_the_read_is_not_left_for_later(conn, settings,
+                                                                                                         monkeypatch):
+    """An item due at the very instant whose burst was read ahead, committed after that read (its NOTIFY came while
+    the pass waited for the instant), is published at once after the burst, not at the next pass (up to
+    TTL_MAX_SLEEP_SECONDS later). Found by review."""
+    monkeypatch.setattr(scheduler, "PREPARE_AHEAD", timedelta(seconds=0.6))
+    f = Feeder(conn)
+    due = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "expires_at": due.isoformat()}]))
+    producer = scheduler.TtlProducer(settings.model_copy(update={"ttl_max_sleep_seconds": 10.0}))
+    task = asyncio.create_task(producer.run())
+    try:
+        await asyncio.sleep((due - timedelta(seconds=0.3) - datetime.now(UTC)).total_seconds())  # inside the window
+        f.now = datetime.now(UTC)
+        await f.apply(update_user("u2", 2, add=[{"slug": "A", "expires_at": due.isoformat()}]))
+        await wait_until(lambda: _published_at_least(producer, 2), 12, message="both expiries published")
+        late = (datetime.now(UTC) - due).total_seconds()
+    finally:
+        producer.stop()
+        await asyncio.wait_for(task, 30)
+    assert late < 1.0, f"the second expiry went out {late:.2f} s after it was due"
+
+
 async def _published_at_least(producer, n: int) -> bool:
     return producer.published >= n
 
