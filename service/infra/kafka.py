@@ -163,9 +163,11 @@ async def seek_to_end_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition])
         await consumer.position(tp)
 
 
-async def holding(settings: Settings, offsets: dict[TopicPartition, int], timeout: float = 1.0) -> set[TopicPartition]:
+async def holding(settings: Settings, offsets: dict[TopicPartition, int], timeout: float = 5.0) -> set[TopicPartition]:
     """The partitions whose log still holds the record at the offset given for it, asked with a fetch. The end a
-    broker lists can be short of the log: the embedded one lists the last producer batch's base offset + 1."""
+    broker lists can be short of the log: the embedded one lists the last producer batch's base offset + 1. A held
+    record answers at once; `timeout` is generous because no answer counts as "not held" (a reset to the log's
+    beginning): only a log that really lost the record (recreated, truncated) waits it out."""
     consumer = Consumer(settings, **client_options(settings) | {"group_id": None, "enable_auto_commit": False,
                                                                 "auto_offset_reset": "none"})
     await consumer.start()
