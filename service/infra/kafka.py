@@ -168,26 +168,25 @@ async def holding(settings: Settings, offsets: dict[TopicPartition, int], timeou
     broker lists can be short of the log: the embedded one lists the last producer batch's base offset + 1. A held
     record answers at once; `timeout` is generous because no answer counts as "not held" (a reset to the log's
     beginning): only a log that really lost the record (recreated, truncated) waits it out."""
-    consumer = Consumer(settings, **client_options(settings) | {"group_id": None, "enable_auto_commit": False,
-                                                                "auto_offset_reset": "none"})
-    await consumer.start()
+    fetcher = consumer(settings, group=None, auto_offset_reset="none")
+    await fetcher.start()
     try:
-        consumer.assign(list(offsets))
+        fetcher.assign(list(offsets))
         for tp, offset in offsets.items():
-            consumer.seek(tp, offset)
+            fetcher.seek(tp, offset)
         held: set[TopicPartition] = set()
         deadline = asyncio.get_running_loop().time() + timeout
         while (waiting := [tp for tp in offsets if tp not in held]) \
                 and (left := deadline - asyncio.get_running_loop().time()) > 0:
             try:
-                batch = await consumer.getmany(*waiting, timeout_ms=int(left * 1000), max_records=len(waiting))
+                batch = await fetcher.getmany(*waiting, timeout_ms=int(left * 1000), max_records=len(waiting))
             except OffsetOutOfRangeError as exc:  # Kafka's answer for an offset the log no longer has
-                consumer.pause(*exc.args[0])
+                fetcher.pause(*exc.args[0])
                 continue
             held |= {tp for tp, records in batch.items() if any(r.offset >= offsets[tp] for r in records)}
         return held
     finally:
-        await consumer.stop()
+        await fetcher.stop()
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:
