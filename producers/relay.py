@@ -137,7 +137,7 @@ class OutboxRelay(leader.LeaderLoop):
             return 0
         try:
             async with conn.transaction():
-                records = await conn.fetch(sql.CLAIM, sorted(self.shards), kinds, self.settings.relay_batch_max)
+                records = await claim(conn, sorted(self.shards), kinds, self.settings.relay_batch_max)
                 if not records:
                     return 0
                 rows = sorted((_row(r) for r in records), key=lambda r: r.seq)
@@ -179,6 +179,12 @@ class OutboxRelay(leader.LeaderLoop):
                 part = partitions[topic, number] = leader.Partition(topic, number)
             part.rows.append(r)
         await self.send_rounds(partitions.values(), _settled, lambda r: _drop(r, "larger than a producer batch"))
+
+
+async def claim(conn: asyncpg.Connection, shards: list[int], kinds: list[str], limit: int) -> list[asyncpg.Record]:
+    """Delete and return the oldest `limit` rows of `shards` and `kinds`, inside the caller's transaction."""
+    await conn.execute(sql.CLAIM_BY_PRIMARY_KEY)
+    return await conn.fetch(sql.CLAIM, shards, kinds, limit)
 
 
 def _settled(sends: leader.Round) -> None:

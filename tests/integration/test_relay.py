@@ -7,6 +7,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RequestTimedOutError, Topi
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from producers import relay as relay_module
 from producers.relay import SHARDS, OutboxRelay
 from schemas.commands import CreateSegment
 from service.infra import db, kafka, metrics
@@ -292,3 +293,35 @@ async def test_the_relay_reports_its_backlog_and_its_oldest_row_and_a_relay_that
         await task
     # The row still waits, but no longer in shards this relay leads: what it said must not count any more.
     assert [_gauge(g) for g in (metrics.OUTBOX_BACKLOG, metrics.OUTBOX_OLDEST, metrics.RELAY_SHARDS)] == [0, 0, 0]
+
+
+async def test_a_claim_reads_the_outbox_by_its_primary_key_though_its_plan_was_made_on_an_empty_table(conn, settings):
+    """A queue table is often empty when the relay's claim is planned: a VACUUM of a drained outbox truncates it to
+    0 pages, and a relay polls it idle. The plan made then (and kept: inserts do not invalidate it) read the whole
+    outbox at each claim once a backlog came (a rollout's 100 000 events): the delete as a sequential scan comparing
+    every row with each claimed seq, the oldest rows as a sort of the table. 0.3-1 s a claim of 5 000 under a
+    100 000-row backlog, 10x the relay's CPU in `make bench` (found by a probe of a slow rollout)."""
+    await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
+        SELECT 'membership', convert_to(g::text, 'UTF8'), '{}', 'e' || g FROM generate_series(1, 2000) g""")
+    await conn.execute("DELETE FROM outbox")
+    await conn.execute("VACUUM outbox")  # as autovacuum does: 0 pages
+
+    scans = "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'outbox'"  # this backend's, not flushed
+
+    async def claim(mode: str) -> tuple[list, int]:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")  # whichever the server picks
+            before = await conn.fetchval(scans)
+            rows = await relay_module.claim(conn, list(range(SHARDS)), ["membership"], 100)
+            return rows, await conn.fetchval(scans) - before
+
+    await claim("force_generic_plan")  # idle: the generic plan is made on the empty table, and cached
+    await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
+        SELECT 'membership', convert_to(g::text, 'UTF8'), '{}', 'f' || g FROM generate_series(1, 20000) g""")
+    claimed, seq_scans = [], 0
+    for mode in ["force_generic_plan", "force_custom_plan"] * 2:
+        rows, scanned = await claim(mode)
+        claimed += rows
+        seq_scans += scanned
+    assert [r["event_id"] for r in sorted(claimed, key=lambda r: r["seq"])] == [f"f{g}" for g in range(1, 401)]
+    assert seq_scans == 0
