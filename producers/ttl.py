@@ -194,7 +194,8 @@ class TtlProducer(leader.LeaderLoop):
                     part = partitions[number] = leader.Partition(topic, number)
                 part.rows.append(Outgoing(cid, key, end.payload(cid, r, now)))
                 count += 1
-            await _until(rows[-1]["at"])
+            if not await _until(rows[-1]["at"], self.stopping):
+                return cursor  # stopped first: nothing sent, the next leader reads these rows again
             # In producer batches per partition, bounded: a leader that cannot publish steps down.
             await self.send_rounds(partitions.values(), self.record_sent, _too_large)
             end.published.inc(count)
@@ -208,11 +209,15 @@ class TtlProducer(leader.LeaderLoop):
                 return cursor
 
 
-async def _until(when: datetime) -> None:
-    """Sleep until the wall clock reaches `when` (at once if it has). The loop's clock is not the wall clock: a
-    sleep can end a little before `when`, so it is checked again (nothing sets an event at a wall-clock time)."""
-    while (left := (when - datetime.now(UTC)).total_seconds()) > 0:  # noqa: ASYNC110
-        await asyncio.sleep(left)
+async def _until(when: datetime, stopping: asyncio.Event) -> bool:
+    """Sleep until the wall clock reaches `when` (at once if it has); False if `stopping` is set first. The loop's
+    clock is not the wall clock: a wait can end a little before `when`, so it is checked again (nothing sets an
+    event at a wall-clock time). At most PREPARE_AHEAD, unless the wall clock steps back meanwhile (NTP)."""
+    while (left := (when - datetime.now(UTC)).total_seconds()) > 0:
+        await leader.wait(stopping, left)
+        if stopping.is_set():
+            return False
+    return True
 
 
 def _too_large(command: Outgoing) -> None:

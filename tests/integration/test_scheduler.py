@@ -61,6 +61,24 @@ async def test_a_burst_read_ahead_of_its_instant_goes_out_at_that_instant_never_
     assert min(r.timestamp for r in published) >= due.timestamp() * 1000
 
 
+async def test_a_scheduler_waiting_for_the_instant_of_a_burst_read_ahead_stops_at_once_and_sends_nothing(
+        conn, settings, monkeypatch):
+    """stop() (SIGTERM) is honoured during the wait for a read-ahead burst's instant: that wait is PREPARE_AHEAD at
+    most, but a wall clock stepped back (NTP) lengthens it by the step. Nothing is sent: the next leader reads the
+    burst again. Found by review (the wait ignored `stopping`)."""
+    monkeypatch.setattr(scheduler, "PREPARE_AHEAD", timedelta(seconds=8))  # stands for a clock stepped back
+    f = Feeder(conn)
+    due = datetime.now(UTC) + timedelta(seconds=9)
+    await f.apply(create("A"), update_user("u1", 1, add=[{"slug": "A", "expires_at": due.isoformat()}]))
+    producer = scheduler.TtlProducer(settings)
+    task = asyncio.create_task(producer.run())
+    await asyncio.sleep(2)  # read ahead, waiting for the instant
+    producer.stop()
+    await asyncio.wait_for(task, 1.5)
+    assert producer.published == 0
+    assert await commands_published(settings) == []
+
+
 async def test_an_item_due_at_the_instant_read_ahead_but_committed_after_the_read_is_not_left_for_later(conn, settings,
                                                                                                          monkeypatch):
     """An item due at the very instant whose burst was read ahead, committed after that read (its NOTIFY came while
