@@ -173,9 +173,9 @@ class TtlProducer(leader.LeaderLoop):
                           positions: dict[int, int], seen: set[str] | None = None) -> tuple:
         """Publish every item of `end` due at `now` after `cursor` not published yet (or due again); returns the
         new cursor. `seen` collects the ids of every due item. A `now` still ahead (PREPARE_AHEAD): each read is
-        sent once its last item is due, never before."""
+        sent once its last item is due, never before. Stopped (SIGTERM): nothing more is read or sent."""
         topic = self.settings.commands_topic
-        while True:
+        while not self.stopping.is_set():
             rows = await conn.fetch(end.due, now, *cursor, self.settings.ttl_batch_max)
             if not rows:
                 return cursor
@@ -207,6 +207,7 @@ class TtlProducer(leader.LeaderLoop):
             cursor = (last["at"], last["user_id"], last["segment_id"])
             if len(rows) < self.settings.ttl_batch_max:
                 return cursor
+        return cursor
 
 
 async def _until(when: datetime, stopping: asyncio.Event) -> bool:
