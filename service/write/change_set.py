@@ -53,6 +53,7 @@ class ChangeSet:
         ids = sorted(u for u in self.users if u not in self.before)
         if not ids:
             return
+        await conn.execute(sql.READS_BY_KEY)
         for r in await conn.fetch(sql.USER_MEMBERSHIPS, ids):
             self.users[r["user_id"]].memberships[r["segment_id"]] = Membership(
                 r["source"], r["added_at"], r["expires_at"]
@@ -61,6 +62,7 @@ class ChangeSet:
             self.users[r["user_id"]].exclusions.add(r["segment_id"])
         for r in await conn.fetch(sql.USER_SCHEDULES, ids):
             self.users[r["user_id"]].scheduled[r["segment_id"]] = Scheduled(r["starts_at"], r["expires_at"])
+        await conn.execute(sql.READS_DONE)
         for u in ids:
             state = self.users[u]
             self.before[u] = (dict(state.memberships), set(state.exclusions), dict(state.scheduled))

@@ -14,6 +14,7 @@ from schemas.events import MembershipChanged
 from service.bucket import bucket, layer_salt, segment_salt
 from service.domain import Change, Segment
 from service.write import sql
+from service.write.change_set import ChangeSet
 from service.write.decoding import InboundRecord
 from service.write.outbox import membership_event
 from tests.support.batch import Feeder, create, update_user
@@ -523,3 +524,36 @@ async def test_times_past_the_year_9998_are_refused_not_stored_as_infinity(conn)
         "then": ("applied", None)}
     assert "before 9999" in results["last"][-1]["error"]["message"]
     assert await f.outbox("dlq") == [] and await f.members("A") == set()
+
+
+async def test_a_runs_reads_go_through_the_users_keys_though_their_plans_were_made_on_empty_tables(conn):
+    """The outbox's trap (see test_relay) in the worker's reads of a run: exclusions and scheduled memberships are
+    often empty (a fresh deploy, a drained burst of starts and a VACUUM that truncated the table), and a plan made
+    then and kept by the prepared statement read the whole table for each batch once it filled, comparing every
+    row with each of the batch's users (up to 2 000): a burst of 100 000 scheduled starts, each batch a scan of
+    what is left of them. The reads go through the (user_id, segment_id) keys whatever the planner believed."""
+    f = Feeder(conn)
+    await f.apply(create("A"))
+    seg = await conn.fetchval("SELECT id FROM segments WHERE slug = 'A'")
+    for table in ("memberships", "exclusions", "scheduled_memberships"):
+        await conn.execute(f"VACUUM {table}")
+    scans = """SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables
+               WHERE relname IN ('memberships', 'exclusions', 'scheduled_memberships')"""  # this backend's
+
+    async def read(users: list[int]) -> tuple[int, ChangeSet]:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")  # as cached after five runs
+            changes = ChangeSet(f.now)
+            await changes.lock_users(conn, set(users))
+            before = await conn.fetchval(scans)
+            await changes.read_users(conn)
+            return await conn.fetchval(scans) - before, changes
+
+    await read([1])  # the plans are made on the empty tables
+    await conn.execute("""INSERT INTO exclusions (user_id, segment_id, excluded_at)
+        SELECT g, $1, now() FROM generate_series(1, 20000) g""", seg)
+    await conn.execute("""INSERT INTO scheduled_memberships (user_id, segment_id, starts_at, scheduled_at)
+        SELECT g, $1, now() + interval '1 day', now() FROM generate_series(1, 20000) g""", seg)
+    scanned, changes = await read(list(range(2, 102)))
+    assert changes.users[5].exclusions == {seg} and seg in changes.users[5].scheduled
+    assert scanned == 0
