@@ -94,15 +94,15 @@ USER_MEMBERSHIPS = """
 SELECT user_id, segment_id, source, added_at, expires_at FROM memberships WHERE user_id = ANY($1::bigint[])
 """
 USER_EXCLUSIONS = "SELECT user_id, segment_id FROM exclusions WHERE user_id = ANY($1::bigint[])"
+USER_SCHEDULES = """
+SELECT user_id, segment_id, starts_at, expires_at FROM scheduled_memberships WHERE user_id = ANY($1::bigint[])
+"""
 # Around the three reads above: by the (user_id, segment_id) keys whatever the planner believes. Exclusions and
 # schedules are often empty (a fresh deploy; a drained burst of starts that a VACUUM truncated), and a plan made
 # then, kept by the prepared statement, scanned the whole table for each batch once it filled, comparing every row
 # with each of the batch's users. The rest of the run's statements keep the planner's choice.
 READS_BY_KEY = "SET LOCAL enable_seqscan = off"
 READS_DONE = "SET LOCAL enable_seqscan TO DEFAULT"
-USER_SCHEDULES = """
-SELECT user_id, segment_id, starts_at, expires_at FROM scheduled_memberships WHERE user_id = ANY($1::bigint[])
-"""
 DELETE_SCHEDULES = """
 DELETE FROM scheduled_memberships x USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
 WHERE x.user_id = d.user_id AND x.segment_id = d.segment_id
