@@ -7,8 +7,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RequestTimedOutError, Topi
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from producers import relay as relay_module
-from producers.relay import SHARDS, OutboxRelay
+from producers.relay import SHARDS, OutboxRelay, claim
 from schemas.commands import CreateSegment
 from service.infra import db, kafka, metrics
 from tests.support.harness import Stack, cid, read_all
@@ -308,19 +307,19 @@ async def test_a_claim_reads_the_outbox_by_its_primary_key_though_its_plan_was_m
 
     scans = "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'outbox'"  # this backend's, not flushed
 
-    async def claim(mode: str) -> tuple[list, int]:
+    async def claim_under(mode: str) -> tuple[list, int]:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")  # whichever the server picks
             before = await conn.fetchval(scans)
-            rows = await relay_module.claim(conn, list(range(SHARDS)), ["membership"], 100)
+            rows = await claim(conn, list(range(SHARDS)), ["membership"], 100)
             return rows, await conn.fetchval(scans) - before
 
-    await claim("force_generic_plan")  # idle: the generic plan is made on the empty table, and cached
+    await claim_under("force_generic_plan")  # idle: the generic plan is made on the empty table, and cached
     await conn.execute("""INSERT INTO outbox (kind, key, payload, event_id)
         SELECT 'membership', convert_to(g::text, 'UTF8'), '{}', 'f' || g FROM generate_series(1, 20000) g""")
     claimed, seq_scans = [], 0
     for mode in ["force_generic_plan", "force_custom_plan"] * 2:
-        rows, scanned = await claim(mode)
+        rows, scanned = await claim_under(mode)
         claimed += rows
         seq_scans += scanned
     assert [r["event_id"] for r in sorted(claimed, key=lambda r: r["seq"])] == [f"f{g}" for g in range(1, 401)]
