@@ -9,13 +9,11 @@ Why an answer is never kept stale:
 - A read takes `epoch` before its query and stores its answer only if no notification came in between. A commit
   its snapshot missed notifies after the snapshot, so either before the store (refused) or after it (dropped).
 - Notifications are lost while the connection is down: losing it, and listening again, flush everything, and
-  nothing is stored or served unless the listener's last heartbeat was sent within `LIVENESS_SECONDS` (a
-  connection silently gone stops answering it): the contract's freshness (1 s) holds.
-- Time changes an answer only where a membership expires: an answer is kept until its earliest expiry, in the
-  database's clock (the heartbeat measures this host's offset from it).
-- Whatever nobody foresaw (triggers disabled, a write with `session_replication_role = replica`): no answer is
-  kept longer than `MAX_AGE_SECONDS`.
-`after=` never reads from here. Bounded: about `budget` bytes of bodies, the least recently served out first.
+  nothing is stored or served unless the connection answered within the last `LIVENESS_SECONDS` (a connection
+  silently gone stops answering the listener's heartbeat). The freshness bound of the contract (1 s) holds.
+- Time changes an answer only where a membership expires: an answer is kept with its earliest expiry and not
+  served from that instant on (the database's clock decided the rows, this process's clock the expiry).
+Bounded: the `size` users served last (least recently used out first); 0 keeps nothing.
 """
 from __future__ import annotations
 
@@ -25,79 +23,61 @@ from datetime import datetime
 
 CHANNEL = "segmentation_users"
 EVERYONE = "*"
-LIVENESS_SECONDS = 0.5  # served only while the listener's last heartbeat was sent within this long
-MAX_AGE_SECONDS = 60.0
-ENTRY_BYTES = 200  # what an entry costs beside its body (key, tuple, float, the ordered dict's links)
+LIVENESS_SECONDS = 1.0  # served only while the listener proved itself within this long (its heartbeat: 0.25 s)
+NEVER = float("inf")
 
 
 class UserAnswers:
-    __slots__ = ("budget", "used", "entries", "epoch", "live_until", "skew")
+    __slots__ = ("size", "entries", "epoch", "live_until")
 
-    def __init__(self, budget: int):
-        self.budget = budget  # bytes; 0 keeps nothing
-        self.used = 0
-        self.entries: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # user id -> (body, deadline: epoch s)
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # user id -> (body, expires, epoch s)
         self.epoch = 0  # notifications and flushes seen: a read stores only if none came during it
         self.live_until = 0.0  # time.monotonic() until which the listener is known to deliver
-        self.skew = 0.0  # the database's clock minus this host's, seconds
 
     def get(self, user_id: int) -> bytes | None:
-        """The kept body, or None (not kept, past its deadline, or the listener not known to be live)."""
+        """The kept body, or None (not kept, expired, or the listener not known to be live)."""
         entry = self.entries.get(user_id)
         if entry is None or time.monotonic() >= self.live_until:
             return None
         if entry[1] <= time.time():
-            self._drop(user_id)
+            del self.entries[user_id]
             return None
         self.entries.move_to_end(user_id)
         return entry[0]
 
     def put(self, user_id: int, epoch: int, body: bytes, expires: datetime | None) -> None:
         """Keep `body`, read by a query started at `epoch`, until `expires` (its earliest membership expiry)."""
-        if epoch != self.epoch or time.monotonic() >= self.live_until or len(body) + ENTRY_BYTES > self.budget:
+        if epoch != self.epoch or self.size <= 0 or time.monotonic() >= self.live_until:
             return
-        deadline = time.time() + MAX_AGE_SECONDS
-        if expires is not None:
-            deadline = min(deadline, expires.timestamp() - self.skew)
-        self._drop(user_id)
-        self.entries[user_id] = (body, deadline)
-        self.used += len(body) + ENTRY_BYTES
-        while self.used > self.budget:
-            _, (old, _) = self.entries.popitem(last=False)
-            self.used -= len(old) + ENTRY_BYTES
-
-    def _drop(self, user_id: int) -> None:
-        entry = self.entries.pop(user_id, None)
-        if entry is not None:
-            self.used -= len(entry[0]) + ENTRY_BYTES
+        self.entries[user_id] = (body, NEVER if expires is None else expires.timestamp())
+        self.entries.move_to_end(user_id)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
     def changed(self, payload: str) -> None:
         """A notification of `CHANNEL`: those users' answers (or everyone's) changed."""
         self.epoch += 1
         if payload == EVERYONE:
-            self._clear()
+            self.entries.clear()
             return
+        pop = self.entries.pop
         try:
             for user_id in payload.split(","):
-                self._drop(int(user_id))
+                pop(int(user_id), None)
         except ValueError:  # not a payload of migration 012's: whose answer changed is unknown
-            self._clear()
+            self.entries.clear()
 
-    def alive(self, sent: float, database_now: datetime, received: float) -> None:
-        """The listener's heartbeat, sent at `sent` (time.monotonic()) and answered at `received` with the
-        database's clock: it delivered everything committed before `sent`."""
-        self.live_until = sent + LIVENESS_SECONDS
-        self.skew = database_now.timestamp() - (time.time() - (received - sent) / 2)
+    def alive(self) -> None:
+        """The listener delivered everything committed until a moment ago."""
+        self.live_until = time.monotonic() + LIVENESS_SECONDS
 
     def reset(self) -> None:
         """The listener lost its connection or listens anew: what was kept may have missed notifications."""
         self.epoch += 1
-        self._clear()
-        self.live_until = 0.0
-
-    def _clear(self) -> None:
         self.entries.clear()
-        self.used = 0
+        self.live_until = 0.0
 
 
 def earliest_expiry(rows) -> datetime | None:

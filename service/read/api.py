@@ -175,7 +175,7 @@ async def get_user_segments(request: web.Request) -> web.Response:
             if rows is None and not await waiters.wait(done, wait_ms / 1000):  # waits holding no connection
                 return error(409, "NOT_YET_APPLIED", f"command {after} was not processed within {wait_ms} ms")
     if rows is None:
-        if at is None and not explain and after is None:  # after a wait too: memory may lag the commit it saw
+        if at is None and not explain:
             return _json(await _user_segments_now(request, user_id))
         async with _acquire(request) as conn:
             rows = await views.user_segments(conn, user_id, at, explain)
@@ -389,7 +389,7 @@ async def _database(app: web.Application):
     app[POOL] = await db.create_pool(settings, "api", settings.db_pool_min, settings.db_pool_max, session_reset=False)
     app[GATE] = asyncio.Semaphore(settings.db_pool_max)
     app[REPORTS] = asyncio.Semaphore(max(1, settings.db_pool_max // 2))
-    app[ANSWERS] = UserAnswers(settings.read_cache_mb * 1024 * 1024)
+    app[ANSWERS] = UserAnswers(settings.read_cache_users)
     app[WAITERS] = CommandWaiters(settings.database_url, app[ANSWERS])
     await app[WAITERS].start()
     yield
