@@ -3,9 +3,6 @@
 A trigger (migration 005) notifies `segmentation_commands` once per transaction that stores command results.
 On each notification the listener looks up, in one query, which of the awaited ids are now stored, and wakes
 their requests. No request polls; with nobody waiting a notification costs nothing but its delivery.
-
-The same connection listens for the users whose answers changed (service/read/answers.py), and proves itself
-with a heartbeat every HEARTBEAT_SECONDS, for that cache serves only while the connection is known to deliver.
 """
 from __future__ import annotations
 
@@ -18,22 +15,18 @@ import asyncpg
 
 from service.infra import errors
 from service.read import views
-from service.read.answers import CHANNEL as USERS_CHANNEL
-from service.read.answers import UserAnswers
 
 log = logging.getLogger("segmentation.api")
 CHANNEL = "segmentation_commands"
 RECONNECT_SECONDS = 1.0
-HEARTBEAT_SECONDS = 0.25
 APPLICATION_NAME = "segmentation-api-listener"  # how it shows in pg_stat_activity
 
 
 class CommandWaiters:
-    """Futures by command id, resolved when the command's result is stored; and the notifications of `answers`."""
+    """Futures by command id, resolved when the command's result is stored."""
 
-    def __init__(self, database_url: str, answers: UserAnswers | None = None):
+    def __init__(self, database_url: str):
         self.url = database_url
-        self.answers = answers or UserAnswers(0)
         self.waiting: dict[str, set[asyncio.Future]] = defaultdict(set)
         self.wake = asyncio.Event()
         self.listening = asyncio.Event()
@@ -87,32 +80,22 @@ class CommandWaiters:
         """One connection's life: check after every notification, and once at the start (what committed while
         nobody listened)."""
         conn = await asyncpg.connect(self.url, timeout=5, server_settings={"application_name": APPLICATION_NAME})
-        lost, answers = asyncio.Event(), self.answers
+        lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _: lost.set())
             await conn.add_listener(CHANNEL, lambda *_: self.wake.set())
-            await conn.add_listener(USERS_CHANNEL, lambda _conn, _pid, _channel, payload: answers.changed(payload))
-            answers.reset()  # kept while nobody listened: may have missed a change
-            answers.alive()
             self.listening.set()
             self.wake.set()
             while not lost.is_set():
                 waker, loser = asyncio.create_task(self.wake.wait()), asyncio.create_task(lost.wait())
-                await asyncio.wait({waker, loser}, timeout=HEARTBEAT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waker, loser}, return_when=asyncio.FIRST_COMPLETED)
                 waker.cancel()
                 loser.cancel()
-                if lost.is_set():
-                    break
                 if self.wake.is_set():
                     self.wake.clear()
                     await self._check(conn)
-                # Everything committed before this answer was delivered first (notifications go out ahead of a
-                # query's answer, and their callbacks were scheduled before this coroutine resumes).
-                await conn.fetchval("SELECT 1", timeout=HEARTBEAT_SECONDS * 4)
-                answers.alive()
         finally:
             self.listening.clear()
-            answers.reset()
             with contextlib.suppress(Exception):
                 await conn.close(timeout=1)
 
