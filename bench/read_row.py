@@ -1,8 +1,11 @@
 """The read row of `make bench` alone, in about a minute a round: the dev stack (`--api-processes N`), a user with
 3 explicit segments as bench.py seeds it, `wrk -t1 -c32 -d8s --latency` on the project, then naive_api.py under
-the same command; several rounds, each pair in the same minute, and the median ratio.
+the same command; several rounds, each pair in the same minute, and the median ratio. `--no-cache` sets
+READ_CACHE_MB=0: every request queries PostgreSQL, as a user's first read after a change does (the cost of a
+miss; the naive always queries).
 
     .venv/bin/python bench/read_row.py --rounds 4 --api-processes 2
+    .venv/bin/python bench/read_row.py --rounds 4 --no-cache
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--api-processes", type=int, default=2)
+    parser.add_argument("--no-cache", action="store_true", help="READ_CACHE_MB=0: no answer kept in memory")
     args = parser.parse_args()
     ratios = []
-    with dev_stack(2, extra_env={"API_PROCESSES": str(args.api_processes)}) as settings:
+    env = {"API_PROCESSES": str(args.api_processes)} | ({"READ_CACHE_MB": "0"} if args.no_cache else {})
+    with dev_stack(2, extra_env=env) as settings:
         url = asyncio.run(seed_read_user(settings))
         for _ in range(args.rounds):
             (ours, ours_p99), (naive, naive_p99) = wrk(url), naive_read()

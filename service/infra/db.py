@@ -89,6 +89,8 @@ async def migrate(url: str) -> list[str]:
                 await conn.execute(sql.RECORD_MIGRATION, name)
             applied.append(name)
             log.info("migration applied", extra={"migration": name})
+        if applied:  # a migration may change any answer (a function, the data): the API processes drop theirs
+            await conn.execute(sql.NOTIFY_EVERY_ANSWER)
         return applied
     finally:
         await conn.execute(sql.UNLOCK, MIGRATION_LOCK)

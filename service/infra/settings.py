@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     http_port: int = 8080
     api_processes: int = Field(default=1, ge=1)  # API processes sharing http_port (SO_REUSEPORT) when above 1
     public_base_url: str | None = None
+    read_cache_mb: int = Field(default=64, ge=0)  # users' answers each API process keeps in memory (0: none)
     api_tokens: str | None = None  # comma-separated bearer tokens or sha256:<hex> digests; unset: open
     metrics_port: int = 0
     log_level: str = "INFO"

@@ -33,6 +33,7 @@ from schemas.http import (
 from service.infra import db, errors, metrics
 from service.infra.settings import Settings
 from service.read import auth, params, views
+from service.read.answers import UserAnswers, earliest_expiry
 from service.read.params import InputError
 from service.read.waiters import CommandWaiters
 
@@ -43,6 +44,7 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 GATE = web.AppKey("gate", asyncio.Semaphore)  # one place per pooled connection, taken in turn: see _acquire
 REPORTS = web.AppKey("reports", asyncio.Semaphore)  # streams in progress: each holds a connection throughout
 WAITERS = web.AppKey("waiters", CommandWaiters)
+ANSWERS = web.AppKey("answers", UserAnswers)  # each user's answer now, dropped by NOTIFY: service/read/answers.py
 TOKENS = web.AppKey("tokens", tuple)  # SHA-256 digests of the accepted bearer tokens; empty: open
 ACQUIRE_TIMEOUT = 5.0
 # Everything under it needs a token when API_TOKENS is set; probes, metrics and the documents stay open.
@@ -173,10 +175,12 @@ async def get_user_segments(request: web.Request) -> web.Response:
             if rows is None and not await waiters.wait(done, wait_ms / 1000):  # waits holding no connection
                 return error(409, "NOT_YET_APPLIED", f"command {after} was not processed within {wait_ms} ms")
     if rows is None:
+        if at is None and not explain and after is None:  # after a wait too: memory may lag the commit it saw
+            return _json(await _user_segments_now(request, user_id))
         async with _acquire(request) as conn:
             rows = await views.user_segments(conn, user_id, at, explain)
     if not explain:
-        return web.Response(body=user_segments_body(user_id, rows), content_type="application/json", charset="utf-8")
+        return _json(user_segments_body(user_id, rows))
     moment = at or datetime.now(UTC)
     return answer(ExplainedUserSegments(
         user_id=user_id, segments=[_explained(r, moment) for r in rows if r["kind"] == "segment"],
@@ -185,6 +189,23 @@ async def get_user_segments(request: web.Request) -> web.Response:
         scheduled=[Scheduled(slug=r["slug"], starts_at=r["added_at"], expires_at=r["expires_at"])
                    for r in rows if r["kind"] == "scheduled"],
     ))
+
+
+async def _user_segments_now(request: web.Request, user_id: int) -> bytes:
+    """The hottest request: from memory when kept, else read and kept (service/read/answers.py)."""
+    answers = request.app[ANSWERS]
+    if (body := answers.get(user_id)) is not None:
+        return body
+    epoch = answers.epoch  # before the query: a commit it misses notifies after this
+    async with _acquire(request) as conn:
+        rows = await views.user_segments(conn, user_id)
+    body = user_segments_body(user_id, rows)
+    answers.put(user_id, epoch, body, earliest_expiry(rows))
+    return body
+
+
+def _json(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 def user_segments_body(user_id: int, rows: list) -> bytes:
@@ -368,7 +389,8 @@ async def _database(app: web.Application):
     app[POOL] = await db.create_pool(settings, "api", settings.db_pool_min, settings.db_pool_max, session_reset=False)
     app[GATE] = asyncio.Semaphore(settings.db_pool_max)
     app[REPORTS] = asyncio.Semaphore(max(1, settings.db_pool_max // 2))
-    app[WAITERS] = CommandWaiters(settings.database_url)
+    app[ANSWERS] = UserAnswers(settings.read_cache_mb * 1024 * 1024)
+    app[WAITERS] = CommandWaiters(settings.database_url, app[ANSWERS])
     await app[WAITERS].start()
     yield
     await app[WAITERS].stop()

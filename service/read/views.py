@@ -153,6 +153,17 @@ SEGMENT_HISTORY = """
 SELECT segment_id, change, description, auto_percent, layer, occurred_at, command_id FROM segment_history
 WHERE slug = $1 ORDER BY occurred_at, id
 """
+# The API's LISTEN connection (service/read/waiters.py): its heartbeat, and what it checks.
+LISTENER_HEARTBEAT = "SELECT clock_timestamp(), pg_notification_queue_usage()"
+USERS_TRIGGERS = 9  # migration 012's, each enabled ('O'): else no answer is kept in memory
+USERS_TRIGGERS_ENABLED = """
+SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+WHERE p.proname = 'notify_users_changed' AND t.tgenabled = 'O'
+"""
+END_STUCK_LISTENERS = """
+SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE application_name = $1 AND pid <> pg_backend_pid() AND state_change < now() - make_interval(secs => $2)
+"""
 COMMAND_RESULT = "SELECT result::text FROM processed_commands WHERE command_id = $1"
 PROCESSED = "SELECT command_id FROM processed_commands WHERE command_id = ANY($1::text[])"
 # UTC months, oldest first, already formatted as CSV lines by COPY.

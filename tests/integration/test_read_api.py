@@ -426,12 +426,13 @@ async def test_a_connection_released_inside_a_transaction_comes_back_rolled_back
 async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503_after_the_acquire_timeout(
         conn, settings, monkeypatch):
     """The hot path takes a free connection without asyncpg's timed acquire (a Task and a timer each); when
-    none is free (here: taken by a report in progress, through the same gate), the wait is still bounded."""
+    none is free (here: taken by a report in progress, through the same gate), the wait is still bounded. No
+    answer kept in memory (READ_CACHE_MB=0): each request needs a connection."""
     from service.read import api
 
     await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
     monkeypatch.setattr(api, "ACQUIRE_TIMEOUT", 0.3)
-    async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1})) as http:
+    async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1, "read_cache_mb": 0})) as http:
         app = http.server.app
         pool = app[api.POOL]
         for _ in range(3):  # the one connection, taken and given back each time
@@ -452,7 +453,7 @@ async def test_requests_waiting_for_a_connection_are_served_in_their_order_of_ar
     from service.read import api
 
     await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
-    async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1})) as http:
+    async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1, "read_cache_mb": 0})) as http:
         app = http.server.app
         done: list[int] = []
         held = api._acquire(_Request(app))

@@ -1,0 +1,104 @@
+"""Each user's answer now, kept in the API process and dropped when a commit changes it.
+
+The hottest route answers from memory: the body of `GET /api/v1/users/{id}/segments` (no `at`, `explain` or
+`after`) as PostgreSQL last gave it. Migration 012's triggers notify `segmentation_users` at commit with the ids
+of the users whose memberships or exclusions a statement changed, or '*' for everyone (a segment changed); the
+process's LISTEN connection (service/read/waiters.py) hands each payload to `changed`.
+
+Why an answer is never kept stale:
+- A read takes `epoch` before its query and stores its answer only if no notification came in between. A commit
+  its snapshot missed notifies after the snapshot, so either before the store (refused) or after it (dropped).
+- Notifications are lost while the connection is down: losing it, and listening again, flush everything, and
+  nothing is stored or served unless the listener's last heartbeat was sent within `LIVENESS_SECONDS` (a
+  connection silently gone stops answering it): the contract's freshness (1 s) holds.
+- Time changes an answer only where a membership expires: an answer is kept until its earliest expiry, in the
+  database's clock (the heartbeat measures this host's offset from it).
+- Whatever nobody foresaw (triggers disabled, a write with `session_replication_role = replica`): no answer is
+  kept longer than `MAX_AGE_SECONDS`.
+`after=` never reads from here. Bounded: about `budget` bytes of bodies, the least recently served out first.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from datetime import datetime
+
+CHANNEL = "segmentation_users"
+EVERYONE = "*"
+LIVENESS_SECONDS = 0.5  # served only while the listener's last heartbeat was sent within this long
+MAX_AGE_SECONDS = 60.0
+ENTRY_BYTES = 200  # what an entry costs beside its body (key, tuple, float, the ordered dict's links)
+
+
+class UserAnswers:
+    __slots__ = ("budget", "used", "entries", "epoch", "live_until", "skew")
+
+    def __init__(self, budget: int):
+        self.budget = budget  # bytes; 0 keeps nothing
+        self.used = 0
+        self.entries: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # user id -> (body, deadline: epoch s)
+        self.epoch = 0  # notifications and flushes seen: a read stores only if none came during it
+        self.live_until = 0.0  # time.monotonic() until which the listener is known to deliver
+        self.skew = 0.0  # the database's clock minus this host's, seconds
+
+    def get(self, user_id: int) -> bytes | None:
+        """The kept body, or None (not kept, past its deadline, or the listener not known to be live)."""
+        entry = self.entries.get(user_id)
+        if entry is None or time.monotonic() >= self.live_until:
+            return None
+        if entry[1] <= time.time():
+            self._drop(user_id)
+            return None
+        self.entries.move_to_end(user_id)
+        return entry[0]
+
+    def put(self, user_id: int, epoch: int, body: bytes, expires: datetime | None) -> None:
+        """Keep `body`, read by a query started at `epoch`, until `expires` (its earliest membership expiry)."""
+        if epoch != self.epoch or time.monotonic() >= self.live_until or len(body) + ENTRY_BYTES > self.budget:
+            return
+        deadline = time.time() + MAX_AGE_SECONDS
+        if expires is not None:
+            deadline = min(deadline, expires.timestamp() - self.skew)
+        self._drop(user_id)
+        self.entries[user_id] = (body, deadline)
+        self.used += len(body) + ENTRY_BYTES
+        while self.used > self.budget:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.used -= len(old) + ENTRY_BYTES
+
+    def _drop(self, user_id: int) -> None:
+        entry = self.entries.pop(user_id, None)
+        if entry is not None:
+            self.used -= len(entry[0]) + ENTRY_BYTES
+
+    def changed(self, payload: str) -> None:
+        """A notification of `CHANNEL`: those users' answers (or everyone's) changed."""
+        self.epoch += 1
+        if payload == EVERYONE:
+            self._clear()
+            return
+        try:
+            for user_id in payload.split(","):
+                self._drop(int(user_id))
+        except ValueError:  # not a payload of migration 012's: whose answer changed is unknown
+            self._clear()
+
+    def alive(self, sent: float, database_now: datetime, received: float) -> None:
+        """The listener's heartbeat, sent at `sent` (time.monotonic()) and answered at `received` with the
+        database's clock: it delivered everything committed before `sent`."""
+        self.live_until = sent + LIVENESS_SECONDS
+        self.skew = database_now.timestamp() - (time.time() - (received - sent) / 2)
+
+    def reset(self) -> None:
+        """The listener lost its connection or listens anew: what was kept may have missed notifications."""
+        self.epoch += 1
+        self._clear()
+        self.live_until = 0.0
+
+    def _clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
+
+
+def earliest_expiry(rows) -> datetime | None:
+    return min((r["expires_at"] for r in rows if r["expires_at"] is not None), default=None)
