@@ -1,11 +1,13 @@
 """Chaos runs: phases of faults under load, each ended by the invariant checker. `make chaos` runs the long plan
 (`python -m tests.chaos.run`) and prints per fault kind: injected, commands, lost, double effects, duplicate
-deliveries, time to recover (p50, max) and the violations found."""
+deliveries, time to recover (p50, max) and the violations found. A failed run keeps the cluster's folder (its
+processes' logs) and prints where."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import functools
+import shutil
 import statistics
 import sys
 import tempfile
@@ -116,17 +118,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--short", action="store_true", help="the short plan of `make test`")
     parser.add_argument("--rate", type=float, default=40.0, help="commands per second")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster's folder (logs, data) even when all pass")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="chaos-") as folder:
-        rows = asyncio.run(run(SHORT if args.short else LONG, Path(folder), rate=args.rate,
+    folder = Path(tempfile.mkdtemp(prefix="chaos-"))
+    rows: list[Row] = []
+    try:
+        rows = asyncio.run(run(SHORT if args.short else LONG, folder, rate=args.rate,
                                out=lambda line: print(line, file=sys.stderr, flush=True)))
-    print(table(rows))
-    broken = [(r.kind, r.violations) for r in rows if r.violations]
-    for kind, violations in broken:
-        print(f"\nviolations after {kind}:")
-        for name, found in violations.items():
-            print(f"  {name}: {len(found)}: {found[:3]}")
-    return 1 if broken else 0
+    finally:
+        print(table(rows))
+        broken = [(r.kind, r.violations) for r in rows if r.violations]
+        for kind, violations in broken:
+            print(f"\nviolations after {kind}:")
+            for name, found in violations.items():
+                print(f"  {name}: {len(found)}: {found[:3]}")
+        passed = rows and not broken
+        if passed and not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:  # a failure is read in its processes' logs: one file per process started, by name and number
+            print(f"\nkept: {folder} (logs in {folder / 'logs'})")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
