@@ -10,6 +10,7 @@ from schemas import openapi
 from service.bucket import bucket
 from service.infra import db
 from service.infra.settings import Settings
+from service.read import api
 from service.read.api import create_app
 from tests.support.batch import Feeder, create, update_user
 from tests.support.helpers import api_client, wait_until
@@ -58,9 +59,14 @@ async def test_a_scripted_life_read_back_at_each_instant_equals_what_the_api_sai
         seen.append((now(), *said))
         return said
 
+    answers = http.server.app[api.ANSWERS]
+
     async def step(*commands):
-        f.now = now()
+        # The plain GET may answer from memory until the commit's notification reaches the API process (the
+        # contract allows 1 s; clients that need their write use after=): each step waits for it.
+        f.now, epoch = now(), answers.epoch
         await f.apply(*commands)
+        await wait_until(lambda: _above(answers, epoch), timeout=5, message="the change's notification")
         return await snapshot()
 
     mine, _ = await step(update_user("add-ttl", user, add=[{"slug": "A", "ttl_seconds": 2}]))
@@ -83,6 +89,10 @@ async def test_a_scripted_life_read_back_at_each_instant_equals_what_the_api_sai
         assert await segments_of(http, stranger, f"?at={stamp(instant)}") == theirs, instant
     before = seen[0][0] - timedelta(days=1)
     assert (await segments_of(http, user, f"?at={stamp(before)}"))["segments"] == []
+
+
+async def _above(answers, epoch: int) -> bool:
+    return answers.epoch > epoch
 
 
 async def _past(moment: str) -> bool:
@@ -428,8 +438,6 @@ async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503
     """The hot path takes a free connection without asyncpg's timed acquire (a Task and a timer each); when
     none is free (here: taken by a report in progress, through the same gate), the wait is still bounded. No
     answer kept in memory (READ_CACHE_MB=0): each request needs a connection."""
-    from service.read import api
-
     await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
     monkeypatch.setattr(api, "ACQUIRE_TIMEOUT", 0.3)
     async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1, "read_cache_mb": 0})) as http:
@@ -450,7 +458,6 @@ async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503
 
 
 async def test_requests_waiting_for_a_connection_are_served_in_their_order_of_arrival(conn, settings):
-    from service.read import api
 
     await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
     async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1, "read_cache_mb": 0})) as http:
