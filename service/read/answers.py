@@ -12,7 +12,8 @@ Why an answer is never kept stale:
   nothing is stored or served unless the listener's last heartbeat was sent within `LIVENESS_SECONDS` (a
   connection silently gone stops answering it): the contract's freshness (1 s) holds.
 - Time changes an answer only where a membership expires: an answer is kept until its earliest expiry, in the
-  database's clock (the heartbeat measures this host's offset from it).
+  database's clock (the heartbeat measures its offset from this host's monotonic clock: deadlines run on that
+  one, so a step of the host's wall clock stretches none).
 - Whatever nobody foresaw (triggers disabled, a write with `session_replication_role = replica`): no answer is
   kept longer than `MAX_AGE_SECONDS`.
 `after=` never reads from here. Bounded: about `budget` bytes of bodies, the least recently served out first.
@@ -31,22 +32,23 @@ ENTRY_BYTES = 200  # what an entry costs beside its body (key, tuple, float, the
 
 
 class UserAnswers:
-    __slots__ = ("budget", "used", "entries", "epoch", "live_until", "skew")
+    __slots__ = ("budget", "used", "entries", "epoch", "live_until", "database_offset")
 
     def __init__(self, budget: int):
         self.budget = budget  # bytes; 0 keeps nothing
         self.used = 0
-        self.entries: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # user id -> (body, deadline: epoch s)
+        self.entries: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # user id -> (body, monotonic deadline)
         self.epoch = 0  # notifications and flushes seen: a read stores only if none came during it
         self.live_until = 0.0  # time.monotonic() until which the listener is known to deliver
-        self.skew = 0.0  # the database's clock minus this host's, seconds
+        # The database's clock minus time.monotonic(), seconds: the host's wall clock may step, this does not.
+        self.database_offset = time.time() - time.monotonic()
 
     def get(self, user_id: int) -> bytes | None:
         """The kept body, or None (not kept, past its deadline, or the listener not known to be live)."""
         entry = self.entries.get(user_id)
         if entry is None or time.monotonic() >= self.live_until:
             return None
-        if entry[1] <= time.time():
+        if entry[1] <= time.monotonic():
             self._drop(user_id)
             return None
         self.entries.move_to_end(user_id)
@@ -56,9 +58,9 @@ class UserAnswers:
         """Keep `body`, read by a query started at `epoch`, until `expires` (its earliest membership expiry)."""
         if epoch != self.epoch or time.monotonic() >= self.live_until or len(body) + ENTRY_BYTES > self.budget:
             return
-        deadline = time.time() + MAX_AGE_SECONDS
+        deadline = time.monotonic() + MAX_AGE_SECONDS
         if expires is not None:
-            deadline = min(deadline, expires.timestamp() - self.skew)
+            deadline = min(deadline, expires.timestamp() - self.database_offset)
         self._drop(user_id)
         self.entries[user_id] = (body, deadline)
         self.used += len(body) + ENTRY_BYTES
@@ -87,7 +89,7 @@ class UserAnswers:
         """The listener's heartbeat, sent at `sent` (time.monotonic()) and answered at `received` with the
         database's clock: it delivered everything committed before `sent`."""
         self.live_until = sent + LIVENESS_SECONDS
-        self.skew = database_now.timestamp() - (time.time() - (received - sent) / 2)
+        self.database_offset = database_now.timestamp() - (sent + received) / 2
 
     def reset(self) -> None:
         """The listener lost its connection or listens anew: what was kept may have missed notifications."""

@@ -21,16 +21,17 @@ def live(budget: int = 10_000) -> UserAnswers:
 
 
 class Clock:
-    """module.time with time.monotonic moved on: the rest of the process keeps the real one."""
+    """module.time with time.monotonic moved on (and the wall clock `stepped` beside that): the rest of the
+    process keeps the real one."""
 
-    def __init__(self, ahead: float):
-        self.ahead = ahead
+    def __init__(self, ahead: float, stepped: float = 0.0):
+        self.ahead, self.stepped = ahead, stepped
 
     def monotonic(self) -> float:
         return time.monotonic() + self.ahead
 
     def time(self) -> float:
-        return time.time() + self.ahead
+        return time.time() + self.ahead + self.stepped
 
 
 def test_an_answer_read_is_served_until_a_notification_names_its_user():
@@ -80,6 +81,20 @@ def test_no_answer_is_served_past_its_maximum_age(monkeypatch):
     monkeypatch.setattr(module, "time", Clock(module.MAX_AGE_SECONDS + 1))
     beat(a)
     assert a.get(7) is None and not a.entries
+
+
+@pytest.mark.parametrize("kept", [(7, None), (8, 5.0)])
+def test_a_step_back_of_this_hosts_wall_clock_keeps_no_answer_longer(monkeypatch, kept):
+    """An answer's deadlines (its maximum age; its expiry, in the database's clock) run on the monotonic clock:
+    the host's wall clock set back an hour (NTP, an operator) after the answer was kept stretches neither."""
+    user, expires_in = kept
+    a = live()
+    a.put(user, a.epoch, b"kept", None if expires_in is None else datetime.now(UTC) + timedelta(seconds=expires_in))
+    later = Clock(module.MAX_AGE_SECONDS + 1, stepped=-3600)
+    monkeypatch.setattr(module, "time", later)
+    database_now = datetime.now(UTC) + timedelta(seconds=later.ahead)  # the database's clock did not step
+    a.alive(later.monotonic(), database_now, later.monotonic())
+    assert a.get(user) is None
 
 
 def test_losing_the_listener_drops_everything_and_refuses_reads_in_flight():
