@@ -458,7 +458,6 @@ async def test_a_free_connection_answers_at_once_and_a_pool_all_busy_answers_503
 
 
 async def test_requests_waiting_for_a_connection_are_served_in_their_order_of_arrival(conn, settings):
-
     await Feeder(conn).apply(create("A"), update_user("u1", 7, add=["A"]))
     async with api_client(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1, "read_cache_mb": 0})) as http:
         app = http.server.app
