@@ -11,6 +11,11 @@ lists every violation by invariant, with the ids it concerns:
 - `expired`: no membership past its expiry is left (so each got its `removed` event);
 - `dlq`: every malformed input is in the DLQ (those with a readable command id got a `rejected` result,
   not stored), and the partition went on (the commands after it are in `stored`).
+
+The topics are judged as a new consumer reads them from the beginning once the service settled, not as the load's
+live reader saw them: the embedded broker's live tail now and then skips a record while several producers write a
+partition (shown with three producers on one partition: offset 1 677 of 4 000 missed live, there on a fresh read).
+What the live reader missed is counted (`tail_missed`), not judged: it is the broker's defect, not the service's.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import aiohttp
 
 from tests.chaos.cluster import Cluster
 from tests.chaos.load import Load
+from tests.support.harness import read_to_end
 
 INVARIANTS = ("stored", "published", "fold", "excluded", "expired", "orphan", "dlq")
 
@@ -36,6 +42,7 @@ class Report:
     lost: int = 0
     double_effects: int = 0
     duplicate_deliveries: int = 0
+    tail_missed: int = 0  # records of the output topics the load's live reader never received
 
     def broken(self, *ignore: str) -> dict[str, list]:
         return {k: v[:20] for k, v in self.violations.items() if v and k not in ignore}
@@ -76,14 +83,23 @@ async def _caught_up(load: Load) -> bool:
     return all(seen[(tp.topic, tp.partition)] + 1 >= end for tp, end in ends.items())
 
 
+def missed(live: dict[str, list], fresh: dict[str, list]) -> list[tuple[str, int, int]]:
+    """(topic, partition, offset) of every record of `fresh` that `live` lacks."""
+    seen = {(m.topic, m.partition, m.offset) for records in live.values() for m, _ in records}
+    return [key for records in fresh.values() for m, _ in records
+            if (key := (m.topic, m.partition, m.offset)) not in seen]
+
+
 async def check(cluster: Cluster, load: Load) -> Report:
     s, report = cluster.settings, Report()
     v = report.violations
+    topics = await read_to_end(s, s.membership_topic, s.segment_topic, s.results_topic, s.dlq_topic)
+    report.tail_missed = len(missed(load.collector.messages, topics))
     stored = {r["command_id"]: json.loads(r["result"]) for r in await cluster.sql(
         "SELECT command_id, result::text AS result FROM processed_commands")}
     report.commands = len(load.acked)
     published: dict[str, list[bytes]] = defaultdict(list)
-    for msg, value in load.collector.messages[s.results_topic]:
+    for msg, value in topics[s.results_topic]:
         published[value["command_id"]].append(msg.value)
     for command_id in load.acked:
         result = stored.get(command_id)
@@ -103,7 +119,7 @@ async def check(cluster: Cluster, load: Load) -> Report:
 
     # The fold: first of each event_id, in partition order.
     by_partition: dict[int, list] = defaultdict(list)
-    for msg, value in load.collector.messages[s.membership_topic]:
+    for msg, value in topics[s.membership_topic]:
         by_partition[msg.partition].append((msg.offset, value))
     first_seen: set[str] = set()
     folded: dict[int, dict[str, datetime | None]] = defaultdict(dict)
@@ -162,7 +178,7 @@ async def check(cluster: Cluster, load: Load) -> Report:
     v["orphan"] += [("a rollout left in progress", r["command_id"], r["after_user"]) for r in await cluster.sql(
         "SELECT command_id, after_user FROM fan_outs")]
 
-    dead = {msg.value for msg, _ in load.collector.messages[s.dlq_topic]}
+    dead = {msg.value for msg, _ in topics[s.dlq_topic]}
     v["dlq"] += [("not in the DLQ", value) for value in load.malformed if value not in dead]
     for command_id in load.malformed_ids:
         if command_id in stored:

@@ -40,6 +40,7 @@ class Row:
     double_effects: int
     duplicate_deliveries: int
     recover: list[float]
+    tail_missed: int = 0
     violations: dict[str, list] = field(default_factory=dict)
 
 
@@ -96,17 +97,20 @@ async def run(plan: list[Phase], folder: Path, users: int = 300, rate: float = 4
                 rows.append(Row(phase.kind, len(phase.faults), report.commands - before.commands,
                                 report.lost - before.lost, report.double_effects - before.double_effects,
                                 report.duplicate_deliveries - before.duplicate_deliveries, recover,
+                                report.tail_missed - before.tail_missed,
                                 {k: found for k, found in new.items() if found} | ({"recovered": stuck} if stuck else {})))
                 before = report
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| fault | injected | commands | lost | double effects | duplicate deliveries | recover p50 | recover max |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| fault | injected | commands | lost | double effects | duplicate deliveries | recover p50 | recover max "
+             "| missed by the live reader |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.kind} | {r.injected} | {r.commands} | {r.lost} | {r.double_effects} | "
-                     f"{r.duplicate_deliveries} | {_seconds(statistics.median, r.recover)} | {_seconds(max, r.recover)} |")
+                     f"{r.duplicate_deliveries} | {_seconds(statistics.median, r.recover)} | {_seconds(max, r.recover)} "
+                     f"| {r.tail_missed} |")
     return "\n".join(lines)
 
 

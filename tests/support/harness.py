@@ -7,7 +7,7 @@ import json
 import uuid
 from collections import defaultdict
 
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
 from consumers.worker import CommandWorker
@@ -27,6 +27,7 @@ class Collector:
         self.messages: dict[str, list] = defaultdict(list)
         self.consumer = None
         self.task = None
+        self.errors: list[Exception] = []  # what interrupted the reading, which went on
 
     async def start(self) -> None:
         s = self.settings
@@ -37,12 +38,13 @@ class Collector:
         self.task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        async for msg in self.consumer:
+        while True:
             try:
-                value = json.loads(msg.value)
-            except ValueError:
-                value = msg.value
-            self.messages[msg.topic].append((msg, value))
+                async for msg in self.consumer:
+                    self.messages[msg.topic].append((msg, decoded(msg)))
+            except KafkaError as exc:  # the broker went away (a chaos fault): read on where it stopped
+                self.errors.append(exc)
+                await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
         self.task.cancel()
@@ -117,18 +119,46 @@ class Stack:
             return await conn.fetch(sql, *args)
 
 
-async def read_all(settings, topic: str) -> list:
-    """Every record of `topic`, from the beginning until nothing more comes for 2 s."""
+def decoded(msg):
+    """A record's value as JSON, or its bytes when it does not parse."""
+    try:
+        return json.loads(msg.value)
+    except ValueError:
+        return msg.value
+
+
+async def read_to_end(settings, *topics: str, quiet: float = 1.0, timeout: float = 120.0) -> dict[str, list]:
+    """Every record of `topics`, read afresh from the beginning by a new consumer until each partition is past the
+    end listed at the start and nothing more comes for `quiet` seconds (on the embedded broker that end is only a
+    lower bound: see `producers.dlq._until_end`): (record, value) pairs per topic, in partition and offset order
+    (the value as `Collector` decodes it). For topics nobody writes any more."""
     consumer = kafka.consumer(settings, group=None)
     await consumer.start()
     try:
-        await consumer.seek_to_beginning(*await kafka.assign_all(consumer, topic))
-        records = []
-        while batch := await consumer.getmany(timeout_ms=2000):
-            records += [r for recs in batch.values() for r in recs]
-        return records
+        tps = await kafka.assign_all(consumer, *topics)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        by_partition: dict = defaultdict(list)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            batch = await consumer.getmany(*tps, timeout_ms=int(quiet * 1000))
+            for tp, records in batch.items():
+                by_partition[tp] += records
+            if not batch and not [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{topics} not read to their ends {ends} in {timeout} s")
+        out: dict[str, list] = {topic: [] for topic in topics}
+        for tp in tps:
+            out[tp.topic] += [(r, decoded(r)) for r in by_partition[tp]]
+        return out
     finally:
         await consumer.stop()
+
+
+async def read_all(settings, topic: str) -> list:
+    """Every record of `topic`, from the beginning until nothing more comes for 2 s."""
+    return [record for record, _ in (await read_to_end(settings, topic, quiet=2.0))[topic]]
 
 
 class FakeProducer:
