@@ -6,8 +6,11 @@ of the users whose memberships or exclusions a statement changed, or '*' for eve
 process's LISTEN connection (service/read/waiters.py) hands each payload to `changed`.
 
 Why an answer is never kept stale:
-- A read takes `epoch` before its query and stores its answer only if no notification came in between. A commit
-  its snapshot missed notifies after the snapshot, so either before the store (refused) or after it (dropped).
+- A read takes `epoch` before its query and stores its answer only if no notification naming its user (or
+  everyone) came in between. A commit its snapshot missed notifies after the snapshot, so either before the store
+  (refused) or after it (dropped). Another user's change refuses nothing: under a steady stream of writes a read
+  of a user nobody changes is still kept. Who changed when is remembered for the last `CHANGES_KEPT`
+  notified users; a read older than the oldest change forgotten is refused (it may have been overtaken).
 - Notifications are lost while the connection is down: losing it, and listening again, flush everything, and
   nothing is stored or served unless the listener's last heartbeat was sent within `LIVENESS_SECONDS` (a
   connection silently gone stops answering it): the contract's freshness (1 s) holds.
@@ -29,16 +32,22 @@ EVERYONE = "*"
 LIVENESS_SECONDS = 0.5  # served only while the listener's last heartbeat was sent within this long
 MAX_AGE_SECONDS = 60.0
 ENTRY_BYTES = 200  # what an entry costs beside its body (key, tuple, float, the ordered dict's links)
+CHANGES_KEPT = 65_536  # users whose last change's epoch is remembered (~100 B each): seconds of changes at any rate
 
 
 class UserAnswers:
-    __slots__ = ("budget", "used", "entries", "epoch", "live_until", "database_offset")
+    __slots__ = ("budget", "used", "entries", "epoch", "changed_at", "unknown_before", "live_until",
+                 "database_offset")
 
     def __init__(self, budget: int):
         self.budget = budget  # bytes; 0 keeps nothing
         self.used = 0
         self.entries: OrderedDict[int, tuple[bytes, float]] = OrderedDict()  # user id -> (body, monotonic deadline)
-        self.epoch = 0  # notifications and flushes seen: a read stores only if none came during it
+        self.epoch = 0  # notifications and flushes seen: a read started at `epoch` e stores only if none since e
+        # named its user: user id -> the epoch of the last notification naming them (the oldest first) ...
+        self.changed_at: OrderedDict[int, int] = OrderedDict()
+        # ... and a read started before this epoch is refused (a flush, or a change no longer in `changed_at`)
+        self.unknown_before = 0
         self.live_until = 0.0  # time.monotonic() until which the listener is known to deliver
         # The database's clock minus time.monotonic(), seconds: the host's wall clock may step, this does not.
         self.database_offset = time.time() - time.monotonic()
@@ -56,7 +65,8 @@ class UserAnswers:
 
     def put(self, user_id: int, epoch: int, body: bytes, expires: datetime | None) -> None:
         """Keep `body`, read by a query started at `epoch`, until `expires` (its earliest membership expiry)."""
-        if epoch != self.epoch or time.monotonic() >= self.live_until or len(body) + ENTRY_BYTES > self.budget:
+        if epoch < self.unknown_before or self.changed_at.get(user_id, -1) > epoch \
+                or time.monotonic() >= self.live_until or len(body) + ENTRY_BYTES > self.budget:
             return
         deadline = time.monotonic() + MAX_AGE_SECONDS
         if expires is not None:
@@ -80,10 +90,18 @@ class UserAnswers:
             self._clear()
             return
         try:
-            for user_id in payload.split(","):
-                self._drop(int(user_id))
+            users = [int(user_id) for user_id in payload.split(",")]
         except ValueError:  # not a payload of migration 012's: whose answer changed is unknown
             self._clear()
+            return
+        changed_at = self.changed_at
+        for user_id in users:
+            self._drop(user_id)
+            changed_at[user_id] = self.epoch
+            changed_at.move_to_end(user_id)
+        while len(changed_at) > CHANGES_KEPT:
+            _, forgotten = changed_at.popitem(last=False)
+            self.unknown_before = max(self.unknown_before, forgotten)
 
     def alive(self, sent: float, database_now: datetime, received: float) -> None:
         """The listener's heartbeat, sent at `sent` (time.monotonic()) and answered at `received` with the
@@ -98,8 +116,11 @@ class UserAnswers:
         self.live_until = 0.0
 
     def _clear(self) -> None:
+        """Everything dropped, and every read in flight refused."""
         self.entries.clear()
         self.used = 0
+        self.changed_at.clear()
+        self.unknown_before = self.epoch
 
 
 def earliest_expiry(rows) -> datetime | None:
