@@ -146,14 +146,18 @@ class Load:
         user = self.users + 1
         body = {"type": "UpdateUserSegments", "command_id": command_id, "user_id": user, "add": [MANUAL[0]],
                 "ttl_seconds": 1}
+        topic = self.settings.results_topic
+
+        def answered(records: list) -> bool:
+            return any(value.get("command_id") == command_id for _, value in records)
+
         while time.monotonic() - started < timeout:
             await self.send(str(user), body)
             resent = time.monotonic()
             while time.monotonic() - resent < 15:
-                if any(v.get("command_id") == command_id for v in self.collector.values(self.settings.results_topic)):
+                if answered(self.collector.messages[topic]):
                     return time.monotonic() - started
                 await asyncio.sleep(0.1)
-            topic = self.settings.results_topic
-            if any(v.get("command_id") == command_id for _, v in (await read_to_end(self.settings, topic))[topic]):
+            if answered((await read_to_end(self.settings, topic))[topic]):
                 return time.monotonic() - started
         raise AssertionError(f"no result for the probe {command_id} after {timeout} s")

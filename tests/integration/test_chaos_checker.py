@@ -20,6 +20,7 @@ async def test_a_fresh_read_has_every_record_up_to_the_ends_in_offset_order_and_
             await producer.send(settings.results_topic, json.dumps({"n": n}).encode(), key=str(n % 5).encode())
         await producer.send(settings.dlq_topic, b"not json", key=b"1")
         await producer.flush()
+
         async def all_live() -> bool:
             return len(collector.values(settings.results_topic)) == 40
 
